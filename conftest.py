@@ -1,0 +1,22 @@
+"""Root conftest: loads the kvkata plugin and the hypothesis profiles.
+
+Profiles (choose with HYPOTHESIS_PROFILE): "kata" (the default: few, derandomized
+examples and no shrinking, so a card runs in seconds and the same way every time), "ci" (the same, a
+few more examples), "deep" (many random examples, for maintainers hunting a bug).
+"""
+
+import os
+
+from hypothesis import HealthCheck, Phase, settings
+
+pytest_plugins = ["kvkata.plugin"]
+
+_common = dict(deadline=None, database=None, print_blob=False,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# No shrink phase for learners: a stub fails on its first example, and shrinking that
+# failure would only cost seconds (derandomized generation starts from small examples).
+settings.register_profile("kata", max_examples=15, derandomize=True,
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate], **_common)
+settings.register_profile("ci", max_examples=30, derandomize=True, **_common)
+settings.register_profile("deep", max_examples=500, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "kata"))

@@ -1,0 +1,93 @@
+"""card00: the cache contract.
+
+Autoregressive decoding computes, at every step, attention of the newest token over all
+tokens so far. The keys and values of past tokens do not change once computed (each depends
+only on its own token and the tokens before it), so a layer can keep them: `prefill` writes
+K/V for the whole prompt, each `decode_step` appends exactly one K/V per layer per sequence,
+and the new query reads everything cached. Queries are never stored: each is used once.
+
+Shapes: B batch, H query heads, Hkv KV heads, G = H // Hkv, S new tokens, T cached length,
+D head dim. The cache layout is `[B, Hkv, T, D]`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Expand KV heads `[B, Hkv, T, D]` to one per query head, `[B, H, T, D]`.
+
+    In grouped-query attention, G = H // Hkv consecutive query heads share one KV head.
+    Which KV head does query head h read? Return the tensor whose head h is that KV head.
+    (MHA is Hkv = H; MQA is Hkv = 1.)
+    """
+    raise NotImplementedError("repeat_kv: give query head h the KV head it reads (about 2 lines)")
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of S new queries `[B, H, S, D]` over T cached keys and values `[B, Hkv, T, D]`.
+
+    The queries are the last S of the T positions: query i sits at position T - S + i and may
+    read keys 0 .. T - S + i, never a later one. Scale scores by 1 / sqrt(D) and softmax over
+    the keys. Returns `[B, H, S, D]`. (S = T is a prompt; S = 1 is a decode step.)
+    """
+    raise NotImplementedError("attend: scores, causal mask for the last S positions, softmax, weighted sum (about 8 lines)")
+
+
+class GrowingKVCache:
+    """One layer's cache that grows by concatenation: `k`, `v` are `[B, Hkv, T, D]` (None when empty).
+
+    `update(input_pos, k_new, v_new)` receives the S new keys and values `[B, Hkv, S, D]` for
+    absolute positions `input_pos` `[S]` (always the next S positions), stores them after the
+    cached ones, and returns all keys and values so far, `[B, Hkv, T + S, D]`.
+    `seq_len` is T, the number of cached positions.
+    """
+
+    def __init__(self) -> None:
+        raise NotImplementedError("GrowingKVCache: start empty (about 2 lines)")
+
+    @property
+    def seq_len(self) -> int:
+        raise NotImplementedError("GrowingKVCache.seq_len: how many positions are cached (1 line)")
+
+    def update(self, input_pos: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor):
+        raise NotImplementedError("GrowingKVCache.update: append along the sequence axis and return all K/V (about 6 lines)")
+
+
+class StaticKVCache:
+    """One layer's cache preallocated for `max_seq_len` positions, written in place by position.
+
+    `k`, `v` are `[batch, n_kv_heads, max_seq_len, head_dim]` zeros of `dtype`, allocated once.
+    `update(input_pos, k_new, v_new)` writes the S new entries at positions `input_pos` and
+    returns the filled prefix, `[B, Hkv, T, D]` with T = the highest position written + 1.
+    `seq_len` is T. Nothing is reallocated, so shapes stay fixed (what CUDA graphs need).
+    """
+
+    def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32) -> None:
+        raise NotImplementedError("StaticKVCache: allocate K and V once for max_seq_len positions (about 3 lines)")
+
+    def update(self, input_pos: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor):
+        raise NotImplementedError("StaticKVCache.update: write at input_pos, return the filled prefix (about 4 lines)")
+
+
+def prefill(model, ids: torch.Tensor, caches: list) -> torch.Tensor:
+    """Run the prompt `ids` `[B, P]` through `model`, writing every layer's K/V into `caches`.
+
+    `model(ids, input_pos, caches)` is a `kvref.model.Transformer`: it returns logits
+    `[B, S, V]` and calls `caches[layer].update(input_pos, k, v)` in each layer. What are the
+    positions of the prompt's tokens? Return the logits of the last prompt position, `[B, V]`:
+    they choose the first generated token.
+    """
+    raise NotImplementedError("prefill: the prompt positions, one forward pass, the last logits (about 2 lines)")
+
+
+def decode_step(model, ids: torch.Tensor, caches: list) -> torch.Tensor:
+    """Feed one new token per sequence, `ids` `[B, 1]`, reading and extending `caches`.
+
+    Each layer must append exactly one K/V per sequence, and the new query must read
+    everything cached. At which absolute position does the new token sit when T positions
+    are cached? Return its logits `[B, V]`.
+    """
+    raise NotImplementedError("decode_step: the new token position, one forward pass, its logits (about 2 lines)")

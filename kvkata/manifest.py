@@ -1,0 +1,68 @@
+"""The ordered manifest of cards and katas, and the hints and notes kept beside them."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from kvkata import ROOT
+
+
+@dataclass(frozen=True)
+class Kata:
+    card: str    # "card00"
+    name: str    # the stub's name: a function or a class
+    module: str  # module inside the card's directory, e.g. "cache"
+    dir: str     # the card's directory, e.g. "card00_cache_contract"
+
+    def path(self, package: str = "katas") -> Path:
+        return ROOT / package / self.dir / f"{self.module}.py"
+
+    def where(self, package: str = "katas") -> str:
+        return f"{package}/{self.dir}/{self.module}.py::{self.name}"
+
+
+@dataclass(frozen=True)
+class Card:
+    id: str
+    dir: str
+    title: str
+    katas: tuple[Kata, ...]
+
+    def hints(self) -> dict[str, list[str]]:
+        """Graded hints per kata, from katas/<dir>/hints.toml: nudge, method, near-answer."""
+        data = tomllib.loads((ROOT / "katas" / self.dir / "hints.toml").read_text())
+        return {name: entry["levels"] for name, entry in data.items()}
+
+    def notes(self) -> dict:
+        """Interviewer notes, from solutions/<dir>/notes.toml."""
+        return tomllib.loads((ROOT / "solutions" / self.dir / "notes.toml").read_text())
+
+
+@cache
+def cards() -> tuple[Card, ...]:
+    data = tomllib.loads((Path(__file__).parent / "cards.toml").read_text())
+    return tuple(
+        Card(c["id"], c["dir"], c["title"],
+             tuple(Kata(c["id"], k["name"], k["module"], c["dir"]) for k in c["katas"]))
+        for c in data["card"]
+    )
+
+
+def card(card_id: str) -> Card:
+    for c in cards():
+        if c.id == card_id:
+            return c
+    valid = ", ".join(c.id for c in cards())
+    raise KeyError(f"unknown card {card_id!r}; valid cards: {valid}")
+
+
+def card_of_path(path: str | Path) -> Card | None:
+    """The card whose directory holds `path` (a test, stub or solution file)."""
+    parts = Path(path).parts
+    for c in cards():
+        if c.dir in parts:
+            return c
+    return None

@@ -1,0 +1,109 @@
+"""Model configuration: one frozen dataclass, and the published shapes of real models.
+
+Every KV-cache quantity in the katas is a function of a handful of numbers: layers,
+KV heads, head dim, and the bytes of one element. The presets carry those numbers as the
+model cards and papers publish them, so that a kata can ask about a real system.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 256          # tokens the embedding and the LM head know
+    n_layers: int = 2              # L: decoder blocks, each with its own K/V cache
+    d_model: int = 64              # width of the residual stream
+    n_heads: int = 4               # H: query heads
+    n_kv_heads: int | None = None  # Hkv: key/value heads (None means MHA: Hkv = H)
+    head_dim: int | None = None    # D: None means d_model // n_heads
+    d_ff: int | None = None        # SwiGLU hidden width (None: a small multiple of d_model)
+    rope_theta: float = 10000.0    # RoPE base
+    norm_eps: float = 1e-5         # RMSNorm epsilon
+    max_seq_len: int = 2048        # positions the model is meant for
+    # Multi-head latent attention (DeepSeek-V2/V3) caches a latent and a decoupled RoPE key
+    # instead of per-head K and V. Zero means the model uses ordinary (GQA/MHA) attention.
+    mla_latent_dim: int = 0
+    mla_rope_dim: int = 0
+    n_params: int | None = field(default=None, compare=False)  # published total, where known
+
+    def __post_init__(self) -> None:
+        n_kv_heads = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+        head_dim = self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+        d_ff = _swiglu_hidden(self.d_model) if self.d_ff is None else self.d_ff
+        # Derived fields are computed once, here, so every reader sees the same numbers.
+        object.__setattr__(self, "n_kv_heads", n_kv_heads)
+        object.__setattr__(self, "head_dim", head_dim)
+        object.__setattr__(self, "d_ff", d_ff)
+        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"ModelConfig.{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"ModelConfig.{name} must be >= 1, got {value}")
+        if self.n_heads % n_kv_heads != 0:
+            raise ValueError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({n_kv_heads}): "
+                "each KV head serves a whole group of query heads"
+            )
+        if head_dim % 2 != 0:
+            raise ValueError(f"head_dim must be even for RoPE's rotation pairs, got {head_dim}")
+        if self.mla_latent_dim < 0 or self.mla_rope_dim < 0:
+            raise ValueError("mla_latent_dim and mla_rope_dim must be >= 0")
+
+    @property
+    def group_size(self) -> int:
+        """G: query heads that share one KV head (1 for MHA, n_heads for MQA)."""
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def is_mla(self) -> bool:
+        return self.mla_latent_dim > 0
+
+    def with_(self, **changes) -> "ModelConfig":
+        """A copy with some fields changed (derived fields recomputed unless given)."""
+        return replace(self, **changes)
+
+
+def _swiglu_hidden(d_model: int) -> int:
+    # Llama's rule: 2/3 of 4·d_model, rounded up to a multiple of 8 (kept small for toys).
+    hidden = int(2 * 4 * d_model / 3)
+    return 8 * ((hidden + 7) // 8)
+
+
+# Published shapes. Sources: Llama 2 paper (Touvron et al. 2023, table 1) and the released
+# config.json files; Llama 3 model card; Mistral 7B paper (Jiang et al. 2023); Mixtral of
+# Experts (Jiang et al. 2024); GPT-3 paper (Brown et al. 2020, table 2.1); DeepSeek-V2
+# (2024, kv_lora_rank 512, qk_rope_head_dim 64) and DeepSeek-V3 (2024) technical reports.
+# Llama-2-7B is MHA: some copies of its config wrongly list 8 KV heads.
+PRESETS: dict[str, ModelConfig] = {
+    "llama-2-7b": ModelConfig(vocab_size=32000, n_layers=32, d_model=4096, n_heads=32, n_kv_heads=32,
+                              d_ff=11008, max_seq_len=4096, n_params=6_738_415_616),
+    "llama-2-70b": ModelConfig(vocab_size=32000, n_layers=80, d_model=8192, n_heads=64, n_kv_heads=8,
+                               d_ff=28672, max_seq_len=4096, n_params=68_976_648_192),
+    "llama-3-8b": ModelConfig(vocab_size=128256, n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8,
+                              d_ff=14336, rope_theta=500000.0, max_seq_len=8192, n_params=8_030_261_248),
+    "llama-3-70b": ModelConfig(vocab_size=128256, n_layers=80, d_model=8192, n_heads=64, n_kv_heads=8,
+                               d_ff=28672, rope_theta=500000.0, max_seq_len=8192, n_params=70_553_706_496),
+    "mistral-7b": ModelConfig(vocab_size=32000, n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8,
+                              d_ff=14336, max_seq_len=32768, n_params=7_241_732_096),
+    "mixtral-8x7b": ModelConfig(vocab_size=32000, n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8,
+                                d_ff=14336, rope_theta=1e6, max_seq_len=32768, n_params=46_702_792_704),
+    "gpt-3-175b": ModelConfig(vocab_size=50257, n_layers=96, d_model=12288, n_heads=96, n_kv_heads=96,
+                              d_ff=4 * 12288, max_seq_len=2048, n_params=175_000_000_000),
+    "deepseek-v2": ModelConfig(vocab_size=102400, n_layers=60, d_model=5120, n_heads=128, n_kv_heads=128,
+                               head_dim=128, max_seq_len=131072, mla_latent_dim=512, mla_rope_dim=64,
+                               n_params=236_000_000_000),
+    "deepseek-v3": ModelConfig(vocab_size=129280, n_layers=61, d_model=7168, n_heads=128, n_kv_heads=128,
+                               head_dim=128, max_seq_len=131072, mla_latent_dim=512, mla_rope_dim=64,
+                               n_params=671_000_000_000),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """Look up a real model's configuration by name."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}") from None

@@ -1,0 +1,49 @@
+"""Hypothesis strategies for valid configurations, shared by the kata tests of every card.
+
+Every draw is valid by construction (query heads a multiple of KV heads, an even head dim),
+and the edges come up often: MQA (one KV head), MHA (as many KV heads as query heads),
+one layer, a one-token prompt.
+"""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+
+from kvref.config import ModelConfig
+
+HEAD_DIMS = st.sampled_from([2, 4, 8, 16])
+KV_HEADS = st.integers(1, 3)
+GROUP_SIZES = st.integers(1, 4)  # G = H // Hkv: 1 is MHA; with one KV head, any G is MQA
+
+
+@st.composite
+def model_configs(draw, max_layers: int = 3, vocab_size: int = 64) -> ModelConfig:
+    """A small random Llama-style config: every field the KV cache depends on varies."""
+    n_kv_heads = draw(KV_HEADS, label="n_kv_heads")
+    n_heads = n_kv_heads * draw(GROUP_SIZES, label="group_size")
+    head_dim = draw(HEAD_DIMS, label="head_dim")
+    return ModelConfig(
+        vocab_size=vocab_size,
+        n_layers=draw(st.integers(1, max_layers), label="n_layers"),
+        d_model=draw(st.sampled_from([8, 16, 32]), label="d_model"),
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        d_ff=32,
+        max_seq_len=64,
+    )
+
+
+@st.composite
+def attention_shapes(draw, max_batch: int = 3, max_len: int = 12) -> dict[str, int]:
+    """B, H, Hkv, S, T, D for one attention call: S new queries, the last S of T positions."""
+    n_kv_heads = draw(KV_HEADS, label="n_kv_heads")
+    T = draw(st.integers(1, max_len), label="T")
+    return dict(
+        B=draw(st.integers(1, max_batch), label="B"),
+        Hkv=n_kv_heads,
+        H=n_kv_heads * draw(GROUP_SIZES, label="group_size"),
+        T=T,
+        S=draw(st.integers(1, T), label="S"),
+        D=draw(HEAD_DIMS, label="D"),
+    )

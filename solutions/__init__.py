@@ -1,0 +1,1 @@
+"""Worked solutions. The same module paths, names and docstrings as katas/."""

@@ -1,0 +1,324 @@
+"""card00: the cache contract.
+
+The references here are measurements, not second copies of the answers: PyTorch's
+`scaled_dot_product_attention` for attention, and the `kvref` model run without any cache
+(every position recomputed) for cached decoding. kvref itself is checked against PyTorch and
+Hugging Face `transformers` in checks/.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+import kvkata
+from kvkata.check import call_str, expect, expect_close, expect_equal, expect_tensor, expect_tensor_equal
+from kvref.cache import GrowingKVCache as RefGrowingKVCache
+from kvref.config import ModelConfig
+from kvref.model import Transformer, build_model
+from kvref.strategies import attention_shapes, model_configs
+from kvref.weight_quant import quantize_weights_int8, weight_bytes
+
+impl = kvkata.load("card00_cache_contract.cache")
+
+REF_PREFILL, REF_DECODE_STEP = Transformer.prefill, Transformer.decode_step
+BHTD = ("batch", "head", "position", "dim")
+LAYOUT = "[B, H, T, D]"
+# fp32 attention through different kernels (ours vs SDPA) differs by rounding only.
+ATOL = RTOL = 1e-5
+PROMPT_LENS = st.integers(1, 6)
+NEW_TOKENS = st.integers(1, 5)
+BATCHES = st.integers(1, 3)
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def random_qkv(s, seed=0):
+    q = rand(s["B"], s["H"], s["S"], s["D"], seed=seed)
+    k = rand(s["B"], s["Hkv"], s["T"], s["D"], seed=seed + 1)
+    v = rand(s["B"], s["Hkv"], s["T"], s["D"], seed=seed + 2)
+    return q, k, v
+
+
+def sdpa_mask(S, T):
+    """The last S of T positions: query i may read keys 0 .. T - S + i (True = may read)."""
+    return torch.ones(S, T, dtype=torch.bool).tril(diagonal=T - S)
+
+
+def prompt_ids(cfg, batch, length, seed=0):
+    return torch.randint(0, cfg.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy_decode(model, prompt, n_new, caches, prefill, decode_step):
+    """Prefill, then n_new - 1 decode steps; yields (ids so far, logits [B, V]) after each call."""
+    ids = prompt
+    logits = prefill(model, prompt, caches)
+    yield ids, logits
+    for _ in range(n_new - 1):
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+        logits = decode_step(model, ids[:, -1:], caches)
+        yield ids, logits
+
+
+# --- GQA: which KV head each query head reads -------------------------------------------
+
+@pytest.mark.kata("repeat_kv")
+@given(s=attention_shapes())
+@example(s=dict(B=1, H=4, Hkv=2, T=3, S=3, D=4))  # 1 < Hkv < H: repeat and repeat_interleave differ
+def test_repeat_kv_gives_query_head_h_the_kv_head_h_over_G(s):
+    x = rand(s["B"], s["Hkv"], s["T"], s["D"])
+    got = impl.repeat_kv(x, s["H"])
+    call = call_str("repeat_kv", x, n_heads=s["H"])
+    expect_tensor(call, got, (s["B"], s["H"], s["T"], s["D"]), x.dtype, layout=LAYOUT)
+    G = s["H"] // s["Hkv"]
+    for h in range(s["H"]):
+        expect_tensor_equal(f"{call}[:, {h}] (query head {h} of group {h // G})",
+                            got[:, h], x[:, h // G], ("batch", "position", "dim"))
+
+
+@pytest.mark.kata("repeat_kv")
+@given(s=attention_shapes())
+@example(s=dict(B=2, H=6, Hkv=3, T=5, S=5, D=8))
+def test_attention_over_repeated_kv_matches_sdpa_with_enable_gqa(s):
+    q, k, v = random_qkv(s)
+    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    got = F.scaled_dot_product_attention(q, impl.repeat_kv(k, s["H"]), impl.repeat_kv(v, s["H"]))
+    expect_close(f"sdpa(q, repeat_kv(k, {s['H']}), repeat_kv(v, {s['H']}))", got, want, BHTD, ATOL, RTOL)
+
+
+# --- attention of the new queries over the cache ------------------------------------------
+
+@pytest.mark.kata("attend")
+@given(s=attention_shapes())
+@example(s=dict(B=1, H=4, Hkv=2, T=4, S=4, D=4))
+def test_attend_over_a_whole_prompt_matches_causal_sdpa(s):
+    s = dict(s, S=s["T"])
+    q, k, v = random_qkv(s)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    expect_close(call_str("attend", q, k, v), impl.attend(q, k, v), want, BHTD, ATOL, RTOL, LAYOUT)
+
+
+@pytest.mark.kata("attend")
+@given(s=attention_shapes())
+@example(s=dict(B=1, H=2, Hkv=1, T=5, S=1, D=4))
+def test_attend_one_decode_query_reads_every_cached_position(s):
+    s = dict(s, S=1)
+    q, k, v = random_qkv(s)
+    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # no mask: everything is in the past
+    expect_close(call_str("attend", q, k, v), impl.attend(q, k, v), want, BHTD, ATOL, RTOL, LAYOUT)
+
+
+@pytest.mark.kata("attend")
+@given(s=attention_shapes())
+@example(s=dict(B=1, H=2, Hkv=2, T=6, S=3, D=4))  # a chunk: the queries are the last 3 of 6
+def test_attend_a_chunk_of_queries_sits_at_the_last_positions(s):
+    q, k, v = random_qkv(s)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask(s["S"], s["T"]), enable_gqa=True)
+    expect_close(call_str("attend", q, k, v), impl.attend(q, k, v), want, BHTD, ATOL, RTOL, LAYOUT)
+
+
+@pytest.mark.kata("attend")
+@given(s=attention_shapes(), data=st.data())
+@example(s=dict(B=1, H=2, Hkv=1, T=4, S=4, D=2), data=None)
+def test_attend_never_reads_a_later_key(s, data):
+    s = dict(s, S=s["T"])
+    q, k, v = random_qkv(s)
+    j = data.draw(st.integers(0, s["T"] - 1), label="changed position") if data else 1
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, j], v2[:, :, j] = 100.0, -100.0  # a loud change at position j
+    before, after = impl.attend(q, k, v), impl.attend(q, k2, v2)
+    # Queries at positions before j must not notice.
+    expect_close(f"attend(q, k, v) with position {j} changed, rows < {j}", after[:, :, :j], before[:, :, :j],
+                 BHTD, ATOL, RTOL)
+
+
+# --- the growing cache ------------------------------------------------------------------
+
+@pytest.mark.kata("GrowingKVCache")
+@given(s=attention_shapes(), chunks=st.lists(st.integers(1, 4), min_size=1, max_size=4))
+def test_growing_cache_update_returns_everything_cached_in_order(s, chunks):
+    cache = impl.GrowingKVCache()
+    expect_equal("GrowingKVCache().seq_len", cache.seq_len, 0, "an empty cache")
+    ks, vs, t = [], [], 0
+    for i, n in enumerate(chunks):
+        k_new = rand(s["B"], s["Hkv"], n, s["D"], seed=2 * i)
+        v_new = rand(s["B"], s["Hkv"], n, s["D"], seed=2 * i + 1)
+        ks.append(k_new), vs.append(v_new)
+        k, v = cache.update(torch.arange(t, t + n), k_new, v_new)
+        t += n
+        call = call_str("update", torch.arange(t - n, t), k_new, v_new) + f" after {t - n} cached"
+        expect_tensor_equal(call + " -> k", k, torch.cat(ks, dim=2), BHTD, "[B, Hkv, T, D]")
+        expect_tensor_equal(call + " -> v", v, torch.cat(vs, dim=2), BHTD, "[B, Hkv, T, D]")
+        expect_equal(call + "; then seq_len", cache.seq_len, t)
+
+
+@pytest.mark.kata("GrowingKVCache")
+@given(cfg=model_configs(), batch=BATCHES, p=PROMPT_LENS, n=NEW_TOKENS)
+def test_growing_cache_grows_by_one_position_per_decode_step_in_every_layer(cfg, batch, p, n):
+    model = build_model(cfg)
+    caches = [impl.GrowingKVCache() for _ in range(cfg.n_layers)]
+    for step, (ids, _) in enumerate(greedy_decode(model, prompt_ids(cfg, batch, p), n, caches,
+                                                  REF_PREFILL, REF_DECODE_STEP)):
+        T = p + step
+        for layer, c in enumerate(caches):
+            where = f"layer {layer} after prefill({p}) and {step} decode steps"
+            expect_equal(f"GrowingKVCache.seq_len in {where}", c.seq_len, T)
+            expect_tensor(f"GrowingKVCache.k in {where}", c.k, (batch, cfg.n_kv_heads, T, cfg.head_dim),
+                          layout="[B, Hkv, T, D]")
+
+
+@pytest.mark.kata("GrowingKVCache")
+@given(cfg=model_configs(), batch=BATCHES, p=PROMPT_LENS, n=NEW_TOKENS)
+def test_growing_cache_in_a_model_gives_the_logits_of_full_recompute(cfg, batch, p, n):
+    model = build_model(cfg)
+    caches = [impl.GrowingKVCache() for _ in range(cfg.n_layers)]
+    with torch.no_grad():
+        for step, (ids, logits) in enumerate(greedy_decode(model, prompt_ids(cfg, batch, p), n, caches,
+                                                           REF_PREFILL, REF_DECODE_STEP)):
+            want = model(ids)[:, -1]  # no cache: every position recomputed
+            expect_close(f"model with GrowingKVCache, step {step} (T={ids.shape[1]})", logits, want,
+                         ("batch", "vocab"), 1e-4, 1e-4)
+
+
+@pytest.mark.kata("GrowingKVCache")
+@given(cfg=model_configs(), p=PROMPT_LENS, n=st.integers(2, 5))
+def test_growing_cache_keeps_past_entries_bit_identical(cfg, p, n):
+    model = build_model(cfg)
+    caches = [impl.GrowingKVCache() for _ in range(cfg.n_layers)]
+    with torch.no_grad():
+        steps = greedy_decode(model, prompt_ids(cfg, 2, p), n, caches, REF_PREFILL, REF_DECODE_STEP)
+        next(steps)
+        first = [(c.k[:, :, :p].clone(), c.v[:, :, :p].clone()) for c in caches]
+        for _ in steps:
+            pass
+    for layer, (c, (k0, v0)) in enumerate(zip(caches, first)):
+        expect_tensor_equal(f"layer {layer} k[:, :, :{p}] after {n - 1} decode steps", c.k[:, :, :p], k0, BHTD)
+        expect_tensor_equal(f"layer {layer} v[:, :, :{p}] after {n - 1} decode steps", c.v[:, :, :p], v0, BHTD)
+
+
+@pytest.mark.kata("GrowingKVCache")
+@given(cfg=model_configs().filter(lambda c: c.n_kv_heads < c.n_heads), p=PROMPT_LENS)
+def test_growing_cache_holds_k_and_v_only_never_q(cfg, p):
+    model = build_model(cfg)
+    cache_list = [impl.GrowingKVCache() for _ in range(cfg.n_layers)]
+    with torch.no_grad():
+        model.prefill(prompt_ids(cfg, 1, p), cache_list)
+    for layer, c in enumerate(cache_list):
+        tensors = {name: t for name, t in vars(c).items() if isinstance(t, torch.Tensor)}
+        shapes = {name: list(t.shape) for name, t in tensors.items()}
+        expect(len(tensors) == 2 and all(t.shape[1] == cfg.n_kv_heads for t in tensors.values()),
+               f"vars(GrowingKVCache) in layer {layer}", shapes,
+               f"exactly two tensors, K and V, each [B, Hkv={cfg.n_kv_heads}, T, D]; "
+               f"a query ([B, H={cfg.n_heads}, S, D]) is used once and never cached")
+
+
+@pytest.mark.kata("GrowingKVCache")
+@given(cfg=model_configs(), p=PROMPT_LENS)
+def test_int8_weights_do_not_shrink_the_kv_cache(cfg, p):
+    """The trap: K/V are activations, computed in the activation dtype, whatever the weights' storage."""
+    model = build_model(cfg)
+    quantized = quantize_weights_int8(model)
+    assert weight_bytes(quantized) < weight_bytes(model), "int8 weights should take fewer bytes"
+    sizes = []
+    for m in (model, quantized):
+        cache_list = [impl.GrowingKVCache() for _ in range(cfg.n_layers)]
+        with torch.no_grad():
+            m.prefill(prompt_ids(cfg, 1, p), cache_list)
+        sizes.append(sum(c.k.nbytes + c.v.nbytes for c in cache_list))
+    expect_equal("KV bytes with int8 weights", sizes[1], sizes[0], "the same as with fp32 weights")
+
+
+# --- the static cache -------------------------------------------------------------------
+
+@pytest.mark.kata("StaticKVCache")
+@given(s=attention_shapes(), extra=st.integers(0, 3), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_static_cache_writes_by_position_into_one_allocation(s, extra, dtype):
+    B, Hkv, T, D = s["B"], s["Hkv"], s["T"], s["D"]
+    max_len = T + 1 + extra
+    cache = impl.StaticKVCache(B, Hkv, max_len, D, dtype)
+    call = call_str("StaticKVCache", B, Hkv, max_len, D, dtype)
+    expect_tensor(call + ".k", cache.k, (B, Hkv, max_len, D), dtype, "[B, Hkv, max_seq_len, D]")
+    expect_tensor(call + ".v", cache.v, (B, Hkv, max_len, D), dtype, "[B, Hkv, max_seq_len, D]")
+    ptr = cache.k.data_ptr()
+    k_all, v_all = rand(B, Hkv, T + 1, D, seed=1).to(dtype), rand(B, Hkv, T + 1, D, seed=2).to(dtype)
+    # A prompt of T positions, then one decode position.
+    for pos in (torch.arange(T), torch.tensor([T])):
+        k, v = cache.update(pos, k_all[:, :, pos], v_all[:, :, pos])
+        end = int(pos[-1]) + 1
+        ucall = call_str("StaticKVCache.update", pos, k_all[:, :, pos], v_all[:, :, pos])
+        expect_tensor_equal(ucall + " -> k", k, k_all[:, :, :end], BHTD, "[B, Hkv, T, D]")
+        expect_tensor_equal(ucall + " -> v", v, v_all[:, :, :end], BHTD, "[B, Hkv, T, D]")
+        expect_equal(ucall + "; then seq_len", cache.seq_len, end)
+    expect_equal("StaticKVCache.k.data_ptr() after updates", cache.k.data_ptr(), ptr,
+                 "the same storage: a static cache never reallocates")
+    expect_tensor_equal("StaticKVCache.k beyond the written positions", cache.k[:, :, T + 1:],
+                        torch.zeros(B, Hkv, extra, D, dtype=dtype), BHTD)
+
+
+@pytest.mark.kata("StaticKVCache")
+@given(cfg=model_configs(), batch=BATCHES, p=PROMPT_LENS, n=NEW_TOKENS)
+def test_static_and_growing_caches_give_identical_logits(cfg, batch, p, n):
+    model = build_model(cfg)
+    prompt = prompt_ids(cfg, batch, p)
+    static = [impl.StaticKVCache(batch, cfg.n_kv_heads, p + n, cfg.head_dim, torch.float32)
+              for _ in range(cfg.n_layers)]
+    growing = [RefGrowingKVCache() for _ in range(cfg.n_layers)]
+    with torch.no_grad():
+        runs = [list(greedy_decode(model, prompt, n, c, REF_PREFILL, REF_DECODE_STEP))
+                for c in (static, growing)]
+    for step, ((ids_s, got), (ids_g, want)) in enumerate(zip(*runs)):
+        expect_close(f"model with StaticKVCache, step {step}", got, want, ("batch", "vocab"), 1e-6, 1e-6)
+    for layer, c in enumerate(static):
+        expect_equal(f"StaticKVCache.seq_len in layer {layer} after prefill({p}) and {n - 1} steps",
+                     c.seq_len, p + n - 1)
+
+
+# --- prefill and decode_step --------------------------------------------------------------
+
+@pytest.mark.kata("prefill")
+@given(cfg=model_configs(), batch=BATCHES, p=PROMPT_LENS)
+def test_prefill_writes_every_prompt_position_and_returns_the_last_logits(cfg, batch, p):
+    model = build_model(cfg)
+    prompt = prompt_ids(cfg, batch, p)
+    caches = model.new_caches("static", batch, p + 2)
+    with torch.no_grad():
+        got = impl.prefill(model, prompt, caches)
+        want = model(prompt)[:, -1]
+    call = call_str("prefill", model, prompt, caches)
+    expect_close(call, got, want, ("batch", "vocab"), 1e-5, 1e-5, "[B, V]")
+    for layer, c in enumerate(caches):
+        expect_equal(f"{call}; then caches[{layer}].seq_len", c.seq_len, p, "one position per prompt token")
+
+
+@pytest.mark.kata("decode_step")
+@given(cfg=model_configs(), batch=BATCHES, p=PROMPT_LENS, n=st.integers(2, 6), kind=st.sampled_from(["static", "growing"]))
+@example(cfg=ModelConfig(vocab_size=64, n_layers=1, d_model=8, n_heads=2, n_kv_heads=1, head_dim=4, d_ff=32),
+         batch=1, p=1, n=3, kind="static")  # a one-token prompt, MQA
+def test_cached_decode_matches_full_recompute(cfg, batch, p, n, kind):
+    model = build_model(cfg)
+    caches = model.new_caches(kind, batch, p + n)
+    with torch.no_grad():
+        for step, (ids, logits) in enumerate(greedy_decode(model, prompt_ids(cfg, batch, p), n, caches,
+                                                           REF_PREFILL, impl.decode_step)):
+            want = model(ids)[:, -1]  # no cache: the whole sequence recomputed
+            expect_close(f"decode_step with a {kind} cache, step {step} (T={ids.shape[1]})", logits, want,
+                         ("batch", "vocab"), 1e-4, 1e-4, "[B, V]")
+
+
+@pytest.mark.kata("decode_step")
+@given(cfg=model_configs(), batch=BATCHES, p=PROMPT_LENS, n=st.integers(2, 5))
+def test_decode_step_appends_exactly_one_position_per_layer(cfg, batch, p, n):
+    model = build_model(cfg)
+    caches = model.new_caches("growing")
+    with torch.no_grad():
+        logits = model.prefill(prompt_ids(cfg, batch, p), caches)
+        for step in range(1, n):
+            ids = logits.argmax(-1, keepdim=True)
+            logits = impl.decode_step(model, ids, caches)
+            expect_tensor(call_str("decode_step", model, ids, caches), logits, (batch, cfg.vocab_size), layout="[B, V]")
+            for layer, c in enumerate(caches):
+                expect_equal(f"caches[{layer}].seq_len after prefill({p}) and {step} decode_step calls",
+                             c.seq_len, p + step)
