@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -100,10 +103,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         where = f"{Path(str(entry.path)).relative_to(kvkata.ROOT)}::{qualname}"
         report.longrepr = _todo_line(item, kata, where)
         report.user_properties.append((TODO_KEY, True))
-    elif call.excinfo.typename == "Failed" and "Timeout" in str(call.excinfo.value):
+    elif call.excinfo.errisinstance(KataTimeout) or (call.excinfo.typename == "Failed"
+                                                      and "Timeout" in str(call.excinfo.value)):
         at = f" while running {entry.frame.code.raw.co_qualname} ({entry.path.name}:{entry.lineno + 1})" if entry else ""
         name = f"{kata.card} {kata.name}" if kata else item.nodeid
-        report.longrepr = (f"TIMEOUT {name}: stopped after {item.config.getini('timeout')} s{at}. "
+        report.longrepr = (f"TIMEOUT {name}: stopped after {_timeout_of(item)} s{at}. "
                            "Look for a loop that never ends or a shape that grows every step.")
     elif any(isinstance(e, Mismatch) for e in leaves):
         lines = [str(e) for e in leaves if isinstance(e, Mismatch)]
@@ -113,8 +117,44 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     return report
 
 
+class KataTimeout(BaseException):
+    """Raised in the running kata when its time is up.
+
+    A BaseException on purpose: hypothesis retries a test that fails with an ordinary
+    exception (or pytest.fail, which pytest-timeout raises), and replaying a kata that hangs
+    would hang again with no timer left.
+    """
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings):
+    """pytest-timeout's hook: for kata tests, a SIGALRM that raises KataTimeout in the kata."""
+    if (settings.method != "signal" or threading.current_thread() is not threading.main_thread()
+            or item.get_closest_marker("kata") is None):
+        return None  # pytest-timeout's own timer
+
+    def handler(signum, frame):
+        raise KataTimeout(settings.timeout)
+
+    def cancel():
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+    item.cancel_timeout = cancel
+    signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, settings.timeout)
+    return True
+
+
+def _timeout_of(item: pytest.Item) -> str:
+    marker = item.get_closest_marker("timeout")
+    value = marker.args[0] if marker and marker.args else (item.config.getoption("timeout", None)
+                                                          or item.config.getini("timeout"))
+    return f"{float(value):g}"
+
+
 def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config):
-    if report.failed and dict(report.user_properties).get(TODO_KEY):
+    if report.failed and dict(getattr(report, "user_properties", ())).get(TODO_KEY):
         return "todo", "T", ("TODO", {"yellow": True})
     return None
 
@@ -151,15 +191,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 _katas_key = pytest.StashKey[dict]()
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
-    results = config.stash[_results_key]
-    katas = config.stash.get(_katas_key, {})
-    path = config.getoption("kvkata_json")
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    path = session.config.getoption("kvkata_json")
     if path:
+        results, katas = session.config.stash[_results_key], session.config.stash.get(_katas_key, {})
         rows = {nodeid: {"outcome": outcome, "card": katas[nodeid].card if nodeid in katas else None,
                          "kata": katas[nodeid].name if nodeid in katas else None}
                 for nodeid, outcome in results.items()}
         Path(path).write_text(json.dumps({"mode": kvkata.mode(), "tests": rows}, indent=1))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    results = config.stash[_results_key]
+    katas = config.stash.get(_katas_key, {})
     if not katas:
         return
     tw = terminalreporter
@@ -184,8 +228,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
 def pytest_make_collect_report(collector: pytest.Collector):
     report = yield
     text = str(report.longrepr) if report.failed else ""
-    if "KataImportError" in text:
+    found = re.search(r"KataImportError: (.+)", text)
+    if found:
         # A missing or broken kata module: say which file and why, without pytest's import traceback.
-        line = next(ln for ln in text.splitlines() if "KataImportError" in ln)
-        report.longrepr = line.split("KataImportError:", 1)[1].strip()
+        report.longrepr = found.group(1).strip()
     return report
