@@ -1,0 +1,124 @@
+"""Mutation testing of a card's solutions: how many single-site mutants do the card's tests kill?
+
+    python tools/mutate.py card00 [--timeout 120] [--list]
+
+Each mutant changes one site of a solution module (an operator swapped, a comparison
+loosened, a constant changed, n_kv_heads exchanged for n_heads, a slice bound moved); the
+card's tests run in solutions mode against it, in a scratch copy of the project. A mutant
+is killed when the tests fail. Equivalent mutants (same behaviour) cannot be killed; the
+report lists the survivors so a maintainer can tell which is which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from kvkata import manifest  # noqa: E402
+
+BINOPS = {ast.Add: [ast.Sub, ast.Mult], ast.Sub: [ast.Add], ast.Mult: [ast.Add, ast.Div], ast.Div: [ast.Mult, ast.FloorDiv],
+          ast.FloorDiv: [ast.Mult, ast.Mod], ast.Mod: [ast.FloorDiv], ast.Pow: [ast.Mult]}
+CMPOPS = {ast.Gt: [ast.GtE, ast.Lt], ast.GtE: [ast.Gt], ast.Lt: [ast.LtE, ast.Gt], ast.LtE: [ast.Lt],
+          ast.Eq: [ast.NotEq], ast.NotEq: [ast.Eq]}
+NAME_SWAPS = {"n_kv_heads": "n_heads", "n_heads": "n_kv_heads", "Hkv": "H", "H": "Hkv", "k": "v", "v": "k",
+              "min": "max", "max": "min", "k_new": "v_new", "v_new": "k_new"}
+
+
+def sites(tree: ast.AST):
+    """Yield (description, mutate) pairs; mutate(node) edits a deep copy in place."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(node):
+            pass
+        if isinstance(node, ast.BinOp):
+            for new in BINOPS.get(type(node.op), []):
+                yield node, f"line {node.lineno}: {type(node.op).__name__} -> {new.__name__}", lambda n, new=new: setattr(n, "op", new())
+        elif isinstance(node, ast.Compare) and len(node.ops) == 1:
+            for new in CMPOPS.get(type(node.ops[0]), []):
+                yield node, f"line {node.lineno}: {type(node.ops[0]).__name__} -> {new.__name__}", lambda n, new=new: setattr(n, "ops", [new()])
+        elif isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+            for new in {node.value + 1, node.value - 1, 0 if node.value else 1} - {node.value}:
+                yield node, f"line {node.lineno}: constant {node.value!r} -> {new!r}", lambda n, new=new: setattr(n, "value", new)
+        elif isinstance(node, ast.Name) and node.id in NAME_SWAPS and isinstance(node.ctx, ast.Load):
+            new = NAME_SWAPS[node.id]
+            yield node, f"line {node.lineno}: name {node.id} -> {new}", lambda n, new=new: setattr(n, "id", new)
+        elif isinstance(node, ast.Attribute) and node.attr in NAME_SWAPS and isinstance(node.ctx, ast.Load):
+            new = NAME_SWAPS[node.attr]
+            yield node, f"line {node.lineno}: attribute .{node.attr} -> .{new}", lambda n, new=new: setattr(n, "attr", new)
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            yield node, f"line {node.lineno}: unary minus removed", "drop-usub"
+
+
+def mutants(source: str):
+    tree = ast.parse(source)
+    # Leave docstrings alone: mutating prose is not a mutant.
+    doc_nodes = {id(n.body[0].value) for n in ast.walk(tree)
+                 if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(n)}
+    targets = [(n, d, m) for n, d, m in sites(tree) if id(n) not in doc_nodes]
+    for index, (_, desc, _) in enumerate(targets):
+        fresh = ast.parse(source)
+        fresh_targets = [(n, d, m) for n, d, m in sites(fresh)
+                         if id(n) not in {id(x.body[0].value) for x in ast.walk(fresh)
+                                          if isinstance(x, (ast.Module, ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(x)}]
+        node, _, mutate = fresh_targets[index]
+        if mutate == "drop-usub":
+            node.op = ast.UAdd()
+        else:
+            mutate(node)
+        try:
+            text = ast.unparse(fresh)
+        except Exception:
+            continue
+        yield desc, text
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("card")
+    parser.add_argument("--timeout", type=int, default=120)
+    parser.add_argument("--list", action="store_true", help="list the mutants without running them")
+    args = parser.parse_args()
+    card = manifest.card(args.card)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp) / "project"
+        shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".git", "__pycache__", "bench", "*.egg-info"))
+        env = {**os.environ, "KVKATA_MODE": "solutions", "HYPOTHESIS_PROFILE": "ci"}
+        killed, survivors, total = 0, [], 0
+        for module in sorted({k.module for k in card.katas}):
+            path = work / "solutions" / card.dir / f"{module}.py"
+            original = path.read_text()
+            for desc, text in mutants(original):
+                total += 1
+                if args.list:
+                    print(f"{module}.py {desc}")
+                    continue
+                path.write_text(text)
+                try:
+                    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-k", card.id, "-p", "no:randomly"],
+                                          cwd=work, env=env, capture_output=True, text=True, timeout=args.timeout)
+                    dead = proc.returncode != 0
+                except subprocess.TimeoutExpired:
+                    dead = True  # a mutant that hangs is caught by the timeout
+                killed += dead
+                if not dead:
+                    survivors.append(f"{module}.py {desc}")
+                print(f"{'killed  ' if dead else 'SURVIVED'} {module}.py {desc}", flush=True)
+            path.write_text(original)
+    if not args.list:
+        print(f"\n{card.id}: {killed}/{total} mutants killed ({100 * killed / max(total, 1):.1f}%)")
+        for s in survivors:
+            print(f"  survived: {s}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
