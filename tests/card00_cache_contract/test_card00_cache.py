@@ -242,6 +242,7 @@ def test_static_cache_writes_by_position_into_one_allocation(s, extra, dtype):
     call = call_str("StaticKVCache", B, Hkv, max_len, D, dtype)
     expect_tensor(call + ".k", cache.k, (B, Hkv, max_len, D), dtype, "[B, Hkv, max_seq_len, D]")
     expect_tensor(call + ".v", cache.v, (B, Hkv, max_len, D), dtype, "[B, Hkv, max_seq_len, D]")
+    expect_equal(call + ".seq_len", cache.seq_len, 0, "nothing written yet")
     ptr = cache.k.data_ptr()
     k_all, v_all = rand(B, Hkv, T + 1, D, seed=1).to(dtype), rand(B, Hkv, T + 1, D, seed=2).to(dtype)
     # A prompt of T positions, then one decode position.
