@@ -7,6 +7,13 @@ few more examples), "deep" (many random examples, for maintainers hunting a bug)
 
 import os
 
+import torch
+
+# Triton kernels run on the CPU through Triton's interpreter. It must be chosen before
+# triton is first imported, because kernels bind to a backend when they are defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from hypothesis import HealthCheck, Phase, settings
 
 pytest_plugins = ["kvkata.plugin"]

@@ -1,0 +1,393 @@
+"""
+Flash-decoding: one new token's attention over a long KV cache, in Triton
+=========================================================================
+
+In decode every sequence brings one new query token per head and attends to its whole cache.
+Per KV head that is ``4 · G · T · D`` FLOPs against ``2 · T · D · bytes`` of K and V read,
+``2G / bytes`` FLOP per byte whatever T and D are: decode attention is memory-bound, so the
+only goal of a decode kernel is to stream the cache once, at the speed of the memory.
+
+Two things stand in the way.
+
+* **GQA.** With ``G = H / Hkv`` query heads per KV head, a kernel that gives each query head
+  its own program reads every K and V tile G times. Here one program owns one KV head and
+  *all* G query heads that read it: it loads a ``[BLOCK_N, D]`` tile of K once and scores it
+  against a ``[BLOCK_G, D]`` block of queries in one ``tl.dot`` (``BLOCK_G`` is G padded to
+  at least 16, the smallest tile ``tl.dot`` and the tensor cores accept; the padding rows are
+  zeros and are never stored).
+* **Too few programs.** At batch 1 with 8 KV heads, one program per (sequence, KV head) puts
+  8 programs on a GPU with 132 SMs. Flash-decoding (Dao et al., 2023) also splits the
+  sequence: program ``(b, kv_head, split)`` runs an online softmax over its own slice of the
+  cache and writes a *partial* result, the slice's normalised output and its log-sum-exp.
+  A second, tiny kernel merges the partial softmaxes of every split::
+
+      lse   = logsumexp_s(lse_s)
+      out   = sum_s exp(lse_s - lse) * out_s
+
+  which is exact, because each ``out_s`` is the softmax-weighted mean over its slice and
+  ``exp(lse_s - lse)`` is the share of the total softmax mass that slice holds.
+
+Sequences in a batch have different lengths (``seq_lens``, each ``1..T``); positions at or
+past a sequence's length are masked out. Each sequence's length is cut into ``num_splits``
+slices of whole ``BLOCK_N`` tiles, so a short sequence leaves its last splits empty. An
+empty split writes ``lse = -inf`` and a zero output; the merge gives it weight
+``exp2(-inf - m) = 0``. No ``-inf - -inf`` is ever formed: inside the loop every tile holds
+at least one valid key, and the merge's maximum is finite because every sequence has at
+least one token.
+
+The softmax runs in base 2 (``exp2``, the hardware instruction): scores are multiplied by
+``scale · log2(e)`` and the scratch holds log-sum-exps in base 2. Everything the softmax
+touches (scores, running max, running sum, accumulator, scratch) is fp32 whatever the input
+dtype; only the probabilities fed to the second ``tl.dot`` are rounded to the cache dtype,
+as FlashAttention does, so that ``P @ V`` runs on the tensor cores.
+
+Head dims 16..256 are supported. ``tl.arange`` needs a power of two, so the kernels work on
+``BLOCK_D = next_power_of_2(D)`` columns and mask the rest: D = 80 or 96 costs padded lanes,
+not correctness.
+
+Laid out as in the Triton tutorials: a PyTorch reference (the spec), the two kernels, then
+the wrapper that checks shapes, allocates and launches.
+"""
+
+from __future__ import annotations  # keeps `x: tl.constexpr` importable without triton
+
+import contextlib
+import math
+
+import torch
+
+from kvref.validate import check_tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as exc:  # the reference must import and run without triton
+    triton = None
+    _TRITON_IMPORT_ERROR: ImportError | None = exc
+else:
+    _TRITON_IMPORT_ERROR = None
+
+CACHE_LAYOUT = "[B, Hkv, T, D]"
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+BLOCK_N = 64  # keys per tile: 64 x 128 x bf16 = 16 KiB of K (and of V) per load
+MIN_BLOCK_G = 16  # tl.dot needs every tile dimension >= 16
+MAX_SPLITS = 128  # the merge kernel holds all splits of one head in registers
+MIN_SPLIT_LEN = 4 * BLOCK_N  # shorter splits spend more on scratch and merge than they save
+WAVES = 4  # aim for this many programs per SM, so the last wave's tail is short
+INTERPRETER_SPLITS = 2  # the CPU interpreter runs programs one at a time: splits only cost time
+
+
+def _jit(fn):
+    """`triton.jit` when triton is installed; otherwise leave the kernel as a plain function."""
+    return triton.jit(fn) if triton is not None else fn
+
+
+# %%
+# The spec
+# --------
+
+
+def decode_attention_ref(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """Decode attention in plain PyTorch, fp32 throughout: the spec the kernel is tested against.
+
+    q        [B, H, D]        one new query token per sequence and head
+    k_cache  [B, Hkv, T, D]   v_cache the same; query head h reads KV head h // (H // Hkv)
+    seq_lens [B]              valid cache length of each sequence, 1..T
+    returns  [B, H, D]        in q's dtype
+    """
+    B, H, Hkv, T, D = _check_inputs(q, k_cache, v_cache, seq_lens)
+    G = H // Hkv
+    scale = D**-0.5 if scale is None else scale
+    qg = q.float().reshape(B, Hkv, G, D)  # (B, Hkv, G, D): heads h = kv * G + g share kv
+    scores = torch.einsum("bkgd,bktd->bkgt", qg, k_cache.float()) * scale  # (B, Hkv, G, T)
+    valid = torch.arange(T, device=q.device) < seq_lens.view(B, 1)  # (B, T)
+    scores = scores.masked_fill(~valid.view(B, 1, 1, T), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)  # (B, Hkv, G, T)
+    out = torch.einsum("bkgt,bktd->bkgd", probs, v_cache.float())  # (B, Hkv, G, D)
+    return out.reshape(B, H, D).to(q.dtype)
+
+
+# %%
+# Kernel 1: one program per (sequence, KV head, split)
+# ----------------------------------------------------
+
+
+@_jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_VIA_FP32: tl.constexpr):
+    """a @ b accumulated in fp32.
+
+    DOT_VIA_FP32 is for the CPU interpreter only: it stores bfloat16 as uint16 and its tl.dot
+    multiplies those bit patterns (triton-lang/triton#11584, "not supported yet"), so there the
+    tiles are widened first; the widening is exact, the result the same as on a GPU.
+    """
+    if DOT_VIA_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@_jit
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, seq_lens_ptr,  # q [B, H, D], k/v [B, Hkv, T, D], seq_lens [B]
+    part_out_ptr, part_lse_ptr,  # fp32 scratch: [B, H, S, D] and [B, H, S]
+    qk_scale,  # softmax scale * log2(e): scores come out in base 2, ready for exp2
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_pb, stride_ph, stride_ps,  # part_out's last stride is 1 (we allocate it)
+    stride_lb, stride_lh,  # part_lse's last stride is 1
+    G: tl.constexpr,  # query heads per KV head
+    D: tl.constexpr,  # head dim
+    BLOCK_G: tl.constexpr,  # G padded to a power of two >= 16
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # D padded to a power of two
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs: TF32 would cost ~1e-3 relative
+    DOT_VIA_FP32: tl.constexpr,  # bfloat16 under the CPU interpreter, see _dot
+):
+    pid_b = tl.program_id(0)
+    pid_kh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+
+    # This split's share of [0, seq_len) in whole tiles, so only the sequence's last tile is
+    # ragged. Splits are cut per sequence: a short sequence in a long batch spreads its few
+    # tiles over the first splits and leaves the rest empty.
+    seq_len = tl.load(seq_lens_ptr + pid_b)
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
+    split_start = pid_s * tiles_per_split * BLOCK_N
+    split_end = tl.minimum(split_start + tiles_per_split * BLOCK_N, seq_len)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_g = offs_g < G
+    mask_d = offs_d < D
+    offs_h = pid_kh * G + offs_g  # the query heads that read this KV head
+
+    # Batch and head offsets in int64: a [64, 32, 128k, 128] cache has more than 2**31 elements.
+    q_base = q_ptr + pid_b.to(tl.int64) * stride_qb
+    q = tl.load(
+        q_base + offs_h[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+        mask=mask_g[:, None] & mask_d[None, :],
+        other=0.0,
+    )  # [BLOCK_G, BLOCK_D]; padding rows are zero, so their scores are finite and unused
+    k_base = k_ptr + pid_b.to(tl.int64) * stride_kb + pid_kh.to(tl.int64) * stride_kh
+    v_base = v_ptr + pid_b.to(tl.int64) * stride_vb + pid_kh.to(tl.int64) * stride_vh
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)  # running max, base 2
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)  # running sum of exp2(score - m_i)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)  # running sum of p * v
+
+    for start_n in range(split_start, split_end, BLOCK_N):
+        offs_t = start_n + offs_n
+        mask_t = offs_t < split_end
+        # D is the contiguous axis: each row of the tile is one coalesced read.
+        kv_mask = mask_t[:, None] & mask_d[None, :]
+        k = tl.load(k_base + offs_t[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_t[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+
+        s = _dot(q, tl.trans(k), DOT_PRECISION, DOT_VIA_FP32) * qk_scale  # [BLOCK_G, BLOCK_N]
+        s = tl.where(mask_t[None, :], s, float("-inf"))
+        # Every tile holds at least one valid key, so m_new is finite and the first tile's
+        # exp2(-inf - m_new) is a clean 0, never NaN.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)  # rescales what was summed under the old max
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, DOT_VIA_FP32)
+        m_i = m_new
+
+    # An empty split (start past seq_len) never entered the loop: l_i = 0. It writes a zero
+    # output and lse = -inf, so the merge gives it weight 0; dividing by 1 avoids 0 / 0.
+    has_keys = l_i > 0
+    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+
+    p_base = part_out_ptr + pid_b.to(tl.int64) * stride_pb + pid_s * stride_ps
+    tl.store(
+        p_base + offs_h[:, None] * stride_ph + offs_d[None, :],
+        out,
+        mask=mask_g[:, None] & mask_d[None, :],
+    )
+    l_base = part_lse_ptr + pid_b.to(tl.int64) * stride_lb + pid_s
+    tl.store(l_base + offs_h * stride_lh, lse, mask=mask_g)
+
+
+# %%
+# Kernel 2: merge the splits of one (sequence, query head) by log-sum-exp
+# ------------------------------------------------------------------------
+
+
+@_jit
+def _merge_splits_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr,  # [B, H, S, D] fp32, [B, H, S] fp32, [B, H, D]
+    num_splits,
+    stride_pb, stride_ph, stride_ps,
+    stride_lb, stride_lh,
+    stride_ob, stride_oh, stride_od,
+    D: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # num_splits padded to a power of two
+    BLOCK_D: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < num_splits
+    mask_d = offs_d < D
+
+    lse = tl.load(part_lse_ptr + pid_b * stride_lb + pid_h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
+    # Finite whenever seq_len >= 1; the guard keeps an all-empty row from forming -inf - -inf.
+    lse_max = tl.max(lse, axis=0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    weight = tl.exp2(lse - lse_max)  # [BLOCK_S]; empty and padding splits weigh exactly 0
+
+    part = tl.load(
+        part_out_ptr + pid_b * stride_pb + pid_h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+        mask=mask_s[:, None] & mask_d[None, :],
+        other=0.0,
+    )  # [BLOCK_S, BLOCK_D]
+    out = tl.sum(weight[:, None] * part, axis=0) / tl.sum(weight, axis=0)
+    tl.store(
+        out_ptr + pid_b * stride_ob + pid_h * stride_oh + offs_d * stride_od,
+        out.to(out_ptr.dtype.element_ty),
+        mask=mask_d,
+    )
+
+
+# %%
+# The wrapper: check, allocate, launch
+# ------------------------------------
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float | None = None,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+    check_seq_lens: bool = True,
+) -> torch.Tensor:
+    """Decode attention with the flash-decoding Triton kernels; same contract as decode_attention_ref.
+
+    q [B, H, D], k_cache / v_cache [B, Hkv, T, D] (any strides), seq_lens [B] integers in 1..T.
+    scale       softmax scale, default 1 / sqrt(D).
+    num_splits  pieces each sequence is cut into (1..MAX_SPLITS); default from the problem size.
+    out         optional [B, H, D] tensor of q's dtype to write into (returned).
+    check_seq_lens  False skips the one host sync (reading min/max of seq_lens), so the call can
+                be captured in a CUDA graph; lengths outside 1..T then read outside the cache.
+    """
+    if triton is None:
+        raise ImportError(
+            "decode_attention needs triton (pip install triton); decode_attention_ref runs without it"
+        ) from _TRITON_IMPORT_ERROR
+    B, H, Hkv, T, D = _check_inputs(q, k_cache, v_cache, seq_lens, check_values=check_seq_lens)
+    if q.device.type != "cuda" and not _INTERPRETED:
+        raise ValueError(
+            f"tensors are on {q.device}; Triton runs them there only under TRITON_INTERPRET=1, "
+            "set before kvref.triton_decode is first imported (or use decode_attention_ref)"
+        )
+    if num_splits is None:
+        num_splits = choose_num_splits(B, Hkv, T, q.device)
+    if not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be an int in 1..{MAX_SPLITS}, got {num_splits!r}")
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    else:
+        check_tensor("out", out, shape=tuple(q.shape), dtype=q.dtype, device=q.device, layout="[B, H, D]")
+    if B == 0:
+        return out  # an empty batch: nothing to launch (a grid of size 0 is an error)
+
+    G = H // Hkv
+    scale = D**-0.5 if scale is None else float(scale)
+    part_out = _scratch((B, H, num_splits, D), q.device)
+    part_lse = _scratch((B, H, num_splits), q.device)
+
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
+        _launch(q, k_cache, v_cache, seq_lens, out, part_out, part_lse, scale, G, D, num_splits)
+    return out
+
+
+def _launch(q, k_cache, v_cache, seq_lens, out, part_out, part_lse, scale, G, D, num_splits):
+    """Both kernels, on the current device: grid (B, Hkv, num_splits), then grid (B, H)."""
+    B, H, _ = q.shape
+    Hkv = k_cache.shape[1]
+    BLOCK_D = triton.next_power_of_2(D)
+    BLOCK_S = triton.next_power_of_2(num_splits)
+    _decode_split_kernel[(B, Hkv, num_splits)](
+        q, k_cache, v_cache, seq_lens,
+        part_out, part_lse,
+        scale * math.log2(math.e),
+        *q.stride(), *k_cache.stride(), *v_cache.stride(),
+        *part_out.stride()[:3], *part_lse.stride()[:2],
+        G=G, D=D,
+        BLOCK_G=max(MIN_BLOCK_G, triton.next_power_of_2(G)),
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=BLOCK_D,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_VIA_FP32=_INTERPRETED and q.dtype == torch.bfloat16,
+        num_warps=4,
+        num_stages=2,  # the next K/V tiles load (cp.async) while this one computes; ~38 KiB smem at D=128
+    )
+    _merge_splits_kernel[(B, H)](
+        part_out, part_lse, out,
+        num_splits,
+        *part_out.stride()[:3], *part_lse.stride()[:2],
+        *out.stride(),
+        D=D,
+        BLOCK_S=BLOCK_S,
+        BLOCK_D=BLOCK_D,
+        num_warps=4 if BLOCK_S * BLOCK_D <= 4096 else 8,  # all splits of a head sit in registers
+    )
+
+
+def choose_num_splits(B: int, Hkv: int, T: int, device: torch.device | str) -> int:
+    """The wrapper's default split count: enough (sequence, KV head, split) programs for WAVES
+    per SM, but no split shorter than MIN_SPLIT_LEN. On an H100 (132 SMs) at B = 1, Hkv = 8
+    and T = 128k that is 66 splits of 2k tokens; from B * Hkv >= 528 on, one split."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return max(1, min(INTERPRETER_SPLITS, -(-T // BLOCK_N)))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = -(-WAVES * sms // max(1, B * Hkv))  # ceil; 1 once the batch alone fills the GPU
+    longest_useful = max(1, T // MIN_SPLIT_LEN)  # chosen from T, the bound: no host sync
+    return max(1, min(wanted, longest_useful, MAX_SPLITS))
+
+
+def _scratch(shape, device):
+    """fp32 scratch for the partial results; every element is written by the split kernel."""
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def _check_inputs(q, k_cache, v_cache, seq_lens, check_values=True):
+    """Raise ValueError / TypeError naming the expected shape; return (B, H, Hkv, T, D)."""
+    check_tensor("q", q, ndim=3, layout="[B, H, D]")
+    B, H, D = q.shape
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    check_tensor("k_cache", k_cache, ndim=4, layout=CACHE_LAYOUT)
+    Hkv, T = k_cache.shape[1], k_cache.shape[2]  # the cache's own; B and D must agree with q
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(name, cache, shape=(B, Hkv, T, D), dtype=q.dtype, device=q.device, layout=CACHE_LAYOUT)
+    if H == 0 or Hkv == 0:
+        raise ValueError(f"q and k_cache need at least one head, got H = {H} and Hkv = {Hkv}")
+    if H % Hkv != 0:
+        raise ValueError(f"query heads H = {H} must be a multiple of KV heads Hkv = {Hkv} (GQA)")
+    if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim D must be in {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, got {D}")
+    check_tensor("seq_lens", seq_lens, shape=(B,), device=q.device, layout="[B]")
+    if seq_lens.dtype.is_floating_point or seq_lens.dtype.is_complex or seq_lens.dtype == torch.bool:
+        raise TypeError(f"seq_lens must be an integer tensor, got {seq_lens.dtype}")
+    if check_values and B > 0:
+        lo, hi = (int(x) for x in torch.aminmax(seq_lens))  # the one host sync
+        if lo < 1 or hi > T:
+            raise ValueError(f"seq_lens must lie in 1..T = 1..{T}, got min {lo} and max {hi}")
+    return B, H, Hkv, T, D
+
+
+# Whether triton.jit handed back its CPU interpreter (TRITON_INTERPRET=1 at import time).
+_INTERPRETED = triton is not None and not isinstance(_decode_split_kernel, triton.runtime.JITFunction)
