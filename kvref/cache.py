@@ -75,12 +75,17 @@ class StaticKVCache:
 
     def update(self, input_pos: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor):
         _check_update(self, input_pos, k_new, v_new)
+        if input_pos.numel() == 0:
+            return self.k[:, :, : self.seq_len], self.v[:, :, : self.seq_len]
         max_seq_len = self.k.shape[2]
         if int(input_pos.min()) < 0 or int(input_pos.max()) >= max_seq_len:
             raise ValueError(f"input_pos must lie in [0, {max_seq_len}), got {input_pos.tolist()}")
-        if int(input_pos.min()) > self.seq_len:
+        first, last = int(input_pos.min()), int(input_pos.max())
+        if first > self.seq_len or not torch.isin(torch.arange(first, last + 1, device=input_pos.device), input_pos).all():
             raise ValueError(f"input_pos {input_pos.tolist()} leaves a gap after the {self.seq_len} cached positions")
         self.k[:, :, input_pos] = k_new
         self.v[:, :, input_pos] = v_new
-        self.seq_len = max(self.seq_len, int(input_pos.max()) + 1)
+        # Writing at an earlier position rolls the cache back (as after a rejected speculative
+        # draft): what lies past the last position written is no longer part of the sequence.
+        self.seq_len = last + 1
         return self.k[:, :, : self.seq_len], self.v[:, :, : self.seq_len]  # (B, Hkv, T, D)

@@ -62,7 +62,11 @@ class ModelConfig:
         return self.mla_latent_dim > 0
 
     def with_(self, **changes) -> "ModelConfig":
-        """A copy with some fields changed (derived fields recomputed unless given)."""
+        """A copy with some fields changed.
+
+        `n_kv_heads`, `head_dim` and `d_ff` keep their values unless changed too: they were
+        filled in when this config was made, so `replace` cannot tell them from given ones.
+        """
         return replace(self, **changes)
 
 

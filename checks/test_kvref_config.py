@@ -1,0 +1,144 @@
+"""kvref.config: the presets carry the published shapes, and a bad config fails at construction.
+
+The facts below are copied from CARDS.md ("Facts to build on"), which cites the papers and
+model cards; they are the independent source the presets are checked against. The KV bytes per
+token are measured from a one-token cache allocated on the "meta" device (shapes and dtypes,
+no memory), not recomputed with the formula the presets would be tested by.
+"""
+
+import dataclasses
+import re
+
+import pytest
+import torch
+
+from kvref.cache import StaticKVCache
+from kvref.config import PRESETS, ModelConfig, preset
+from kvref.model import Transformer
+
+# name: (layers, hidden, query heads, KV heads, head dim, KV bytes per token in bf16).
+# MLA models publish no KV heads or head dim for the cache (None): they cache one latent
+# (512) and one decoupled RoPE key (64) per layer, shared by all heads.
+FACTS = {
+    "llama-2-7b": (32, 4096, 32, 32, 128, 524_288),
+    "llama-2-70b": (80, 8192, 64, 8, 128, 327_680),
+    "llama-3-8b": (32, 4096, 32, 8, 128, 131_072),
+    "llama-3-70b": (80, 8192, 64, 8, 128, 327_680),
+    "mistral-7b": (32, 4096, 32, 8, 128, 131_072),
+    "mixtral-8x7b": (32, 4096, 32, 8, 128, 131_072),
+    "gpt-3-175b": (96, 12288, 96, 96, 128, 4_718_592),
+    "deepseek-v2": (60, 5120, 128, None, None, 69_120),
+    "deepseek-v3": (61, 7168, 128, None, None, 70_272),
+}
+MLA_LATENT, MLA_ROPE = 512, 64
+# Presets whose published parameter count is that of kvref's dense Llama block (Mixtral's
+# experts, GPT-3's biases, GELU MLP and learned positions are other architectures).
+DENSE_LLAMA = ["llama-2-7b", "llama-2-70b", "llama-3-8b", "llama-3-70b", "mistral-7b"]
+INT_FIELDS = ["vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"]
+SMALL = dict(vocab_size=64, n_layers=2, d_model=16, n_heads=4, n_kv_heads=2, head_dim=4, d_ff=32, max_seq_len=64)
+
+
+def one_token_cache(cfg: ModelConfig, dtype=torch.bfloat16):
+    """The tensors a cache holds for one token of one sequence, every layer, on the meta device."""
+    if cfg.is_mla:
+        # MLA caches, per layer, a compressed KV latent and the decoupled RoPE key of each token.
+        return [t for _ in range(cfg.n_layers)
+                for t in (torch.empty(1, 1, cfg.mla_latent_dim, dtype=dtype, device="meta"),  # (B, T, latent)
+                          torch.empty(1, 1, cfg.mla_rope_dim, dtype=dtype, device="meta"))]  # (B, T, rope)
+    caches = [StaticKVCache(1, cfg.n_kv_heads, 1, cfg.head_dim, dtype=dtype, device="meta")
+              for _ in range(cfg.n_layers)]
+    return [t for c in caches for t in (c.k, c.v)]  # each (1, Hkv, 1, D)
+
+
+# --- presets against the published facts -------------------------------------------------------
+
+def test_every_preset_has_published_facts_to_check_against():
+    assert set(PRESETS) == set(FACTS)
+
+
+@pytest.mark.parametrize("name", FACTS)
+def test_preset_has_the_published_layers_hidden_size_and_heads(name):
+    layers, hidden, heads, kv_heads, head_dim, _ = FACTS[name]
+    cfg = preset(name)
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads) == (layers, hidden, heads)
+    if kv_heads is None:
+        assert cfg.is_mla and (cfg.mla_latent_dim, cfg.mla_rope_dim) == (MLA_LATENT, MLA_ROPE)
+    else:
+        assert not cfg.is_mla
+        assert (cfg.n_kv_heads, cfg.head_dim) == (kv_heads, head_dim)
+
+
+@pytest.mark.parametrize("name", FACTS)
+def test_preset_caches_the_published_kv_bytes_per_token_in_bf16(name):
+    tensors = one_token_cache(preset(name))
+    assert sum(t.numel() * t.element_size() for t in tensors) == FACTS[name][-1]
+
+
+@pytest.mark.parametrize("name", DENSE_LLAMA)
+def test_dense_llama_preset_builds_a_model_with_the_published_parameter_count(name):
+    # On the meta device the model has shapes and no storage: a 70B model costs nothing here.
+    cfg = preset(name)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    assert sum(p.numel() for p in model.parameters()) == cfg.n_params
+
+
+def test_preset_rejects_an_unknown_name_listing_every_preset():
+    with pytest.raises(ValueError, match="unknown preset 'nope'; known presets: ") as info:
+        preset("nope")
+    for name in PRESETS:
+        assert name in str(info.value)
+
+
+# --- derived fields --------------------------------------------------------------------------------
+
+def test_config_without_kv_heads_is_multi_head_attention():
+    cfg = ModelConfig(d_model=64, n_heads=4)
+    assert (cfg.n_kv_heads, cfg.group_size) == (4, 1)
+
+
+def test_config_without_head_dim_splits_the_model_width_across_the_heads():
+    assert ModelConfig(d_model=96, n_heads=6).head_dim == 16
+
+
+def test_group_size_is_query_heads_per_kv_head():
+    assert ModelConfig(**SMALL | dict(n_heads=12, n_kv_heads=3)).group_size == 4
+
+
+def test_config_is_frozen():
+    cfg = ModelConfig(**SMALL)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.n_kv_heads = 1
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+def test_config_rejects_query_heads_not_a_multiple_of_kv_heads():
+    with pytest.raises(ValueError, match=re.escape("n_heads (4) must be a multiple of n_kv_heads (3)")):
+        ModelConfig(**SMALL | dict(n_kv_heads=3))
+
+
+@pytest.mark.parametrize("head_dim", [3, 5])
+def test_config_rejects_an_odd_head_dim(head_dim):
+    with pytest.raises(ValueError, match=f"head_dim must be even for RoPE's rotation pairs, got {head_dim}"):
+        ModelConfig(**SMALL | dict(head_dim=head_dim))
+
+
+@pytest.mark.parametrize("name", INT_FIELDS)
+@pytest.mark.parametrize("value", [2.0, "2", True], ids=["float", "str", "bool"])
+def test_config_rejects_a_non_int_size_with_type_error(name, value):
+    with pytest.raises(TypeError, match=f"ModelConfig.{name} must be an int, got {type(value).__name__}"):
+        ModelConfig(**SMALL | {name: value})
+
+
+@pytest.mark.parametrize("name", INT_FIELDS)
+@pytest.mark.parametrize("value", [0, -4])
+def test_config_rejects_a_size_below_one_with_value_error(name, value):
+    with pytest.raises(ValueError, match=f"ModelConfig.{name} must be >= 1, got {value}"):
+        ModelConfig(**SMALL | {name: value})
+
+
+@pytest.mark.parametrize("name", ["mla_latent_dim", "mla_rope_dim"])
+def test_config_rejects_negative_mla_dims(name):
+    with pytest.raises(ValueError, match="mla_latent_dim and mla_rope_dim must be >= 0"):
+        ModelConfig(**SMALL | {name: -1})
