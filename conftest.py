@@ -14,6 +14,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The katas use tiny tensors: one thread is faster than several fighting over 2 cores.
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(1)
+
 from hypothesis import HealthCheck, Phase, settings
 
 pytest_plugins = ["kvkata.plugin"]

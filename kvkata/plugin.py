@@ -180,9 +180,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     _config = session.config
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    katas = config.stash.setdefault(_katas_key, {})
-    for item in items:
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # After -k and -m have deselected: only the tests that will run count.
+    katas = session.config.stash.setdefault(_katas_key, {})
+    for item in session.items:
         kata = _kata_of(item)
         if kata is not None:
             katas[item.nodeid] = kata

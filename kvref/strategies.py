@@ -2,14 +2,17 @@
 
 Every draw is valid by construction (query heads a multiple of KV heads, an even head dim),
 and the edges come up often: MQA (one KV head), MHA (as many KV heads as query heads),
-one layer, a one-token prompt.
+one layer, a one-token prompt. `gqa_model_configs` draws only the configs where a wrong
+answer shows: more than one layer and fewer KV heads than query heads.
 """
 
 from __future__ import annotations
 
+import torch
 from hypothesis import strategies as st
 
-from kvref.config import ModelConfig
+from kvref.config import PRESETS, ModelConfig
+from kvref.roofline import HARDWARE
 
 HEAD_DIMS = st.sampled_from([2, 4, 8, 16])
 KV_HEADS = st.integers(1, 3)
@@ -47,3 +50,32 @@ def attention_shapes(draw, max_batch: int = 3, max_len: int = 12) -> dict[str, i
         S=draw(st.integers(1, T), label="S"),
         D=draw(HEAD_DIMS, label="D"),
     )
+
+
+@st.composite
+def gqa_model_configs(draw, min_layers: int = 2, max_layers: int = 3, vocab_size: int = 64) -> ModelConfig:
+    """A small config with n_kv_heads < n_heads (GQA or MQA) and at least `min_layers` layers.
+
+    Here n_heads in place of n_kv_heads, or one layer's count in place of the model's, gives a
+    different number: the draws a memorised formula fails on.
+    """
+    n_kv_heads = draw(KV_HEADS, label="n_kv_heads")
+    n_heads = n_kv_heads * draw(st.integers(2, 4), label="group_size")
+    return ModelConfig(
+        vocab_size=vocab_size,
+        n_layers=draw(st.integers(min_layers, max_layers), label="n_layers"),
+        d_model=draw(st.sampled_from([8, 16, 32]), label="d_model"),
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        head_dim=draw(HEAD_DIMS, label="head_dim"),
+        d_ff=draw(st.sampled_from([8, 32]), label="d_ff"),
+        max_seq_len=64,
+    )
+
+
+# Real presets with ordinary (GQA/MHA) attention; the MLA ones have no K/V heads to cache.
+GQA_PRESET_NAMES = tuple(name for name, cfg in PRESETS.items() if not cfg.is_mla)
+preset_names = st.sampled_from(GQA_PRESET_NAMES)
+hardware_presets = st.sampled_from(list(HARDWARE.values()))
+# Element types a cache is kept in: 4, 2 and 1 bytes.
+kv_dtypes = st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn])

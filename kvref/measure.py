@@ -1,0 +1,224 @@
+"""Measuring instruments: what a real run computes and what a real cache occupies.
+
+The katas' closed forms (rows, FLOPs, bytes) are checked against these measurements, never
+against a second copy of a formula:
+
+- K/V projection rows, counted by forward hooks during a real generation
+  (`kv_rows_of_generation`, `kv_rows_per_forward`);
+- FLOPs, counted by PyTorch's `FlopCounterMode` on a real forward pass (`flops_of`,
+  `generation_flops_measured`, `forward_flops_measured`), split into the projections
+  (`aten.mm`/`aten.addmm`: every `nn.Linear`, lm_head included) and the attention matmuls
+  (`aten.bmm`: `q @ kᵀ` and `softmax @ v`, and SDPA kernels where a model uses them);
+- bytes, from `.nbytes` of allocated tensors (`cache_nbytes`, `kv_bytes_per_token_measured`,
+  `kv_cache_bytes_measured`, `weight_bytes_read`).
+
+Real presets (70B parameters) are measured on PyTorch's `meta` device: tensors with shapes,
+dtypes and `.nbytes` but no storage, so a Llama-2-70B forward pass costs no memory and
+FlopCounterMode still sees every matmul's shape. kvref's model runs unchanged there.
+
+FlopCounterMode counts 2 FLOPs per multiply-add of matmul-like ops only: norms, RoPE,
+softmax, SiLU and the embedding lookup count zero. It counts what runs, so kvref's attention,
+which computes every score of the `[S, T]` rectangle and masks the future ones afterwards,
+is counted in full (a fused causal kernel would skip the masked ones). One gap: on the CPU,
+`F.scaled_dot_product_attention` runs a fused kernel FlopCounterMode does not know and counts
+as 0 FLOPs (torch 2.13); on the meta device it decomposes into matmuls and is counted. Count
+models that use SDPA on the meta device (`step_flops_measured` does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from kvref.cache import StaticKVCache
+from kvref.config import ModelConfig
+from kvref.model import KVRowCount, Transformer, count_kv_rows
+
+PROJECTION_OPS = ("aten.mm", "aten.addmm")
+ATTENTION_OPS = ("aten.bmm", "aten.baddbmm", "aten._scaled_dot_product_efficient_attention",
+                 "aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_cudnn_attention",
+                 "aten._flash_attention_forward", "aten._efficient_attention_forward")
+
+
+# --- K/V projection rows --------------------------------------------------------------------
+
+def kv_rows_of_generation(model: Transformer, prompt: torch.Tensor, n_new: int,
+                          use_cache: bool = True, cache: str = "growing") -> KVRowCount:
+    """Rows the K and V projections compute while `model.generate` makes `n_new` tokens.
+
+    One row is one token's K (or V) in one layer, so the totals are summed over layers and
+    over the batch. `generate` runs n_new forward passes: the prompt, then one pass per new
+    token except the last (the last chosen token is never fed back).
+    """
+    _check_generation(model, prompt, n_new)
+    with count_kv_rows(model) as count:
+        model.generate(prompt, n_new, use_cache=use_cache, cache=cache)
+    return count
+
+
+def kv_rows_per_forward(model: Transformer, prompt: torch.Tensor, n_new: int,
+                        use_cache: bool = True) -> list[KVRowCount]:
+    """The same rows, one entry per forward pass of the generation (entry 0 is the prompt's)."""
+    _check_generation(model, prompt, n_new)
+    steps: list[KVRowCount] = []
+    with count_kv_rows(model) as count:
+        def after_forward(module, inputs, output):
+            done = KVRowCount(sum(s.k_rows for s in steps), sum(s.v_rows for s in steps))
+            steps.append(KVRowCount(count.k_rows - done.k_rows, count.v_rows - done.v_rows))
+
+        handle = model.register_forward_hook(after_forward)
+        try:
+            model.generate(prompt, n_new, use_cache=use_cache)
+        finally:
+            handle.remove()
+    return steps
+
+
+# --- FLOPs ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FlopCount:
+    """FLOPs FlopCounterMode saw, in total and per aten op (2 FLOPs per multiply-add)."""
+    total: int
+    by_op: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def projections(self) -> int:
+        """Every nn.Linear: q/k/v/o projections, the MLP and lm_head."""
+        return sum(self.by_op.get(op, 0) for op in PROJECTION_OPS)
+
+    @property
+    def attention(self) -> int:
+        """The attention matmuls: scores q @ kᵀ and the weighted sum softmax @ v."""
+        return sum(self.by_op.get(op, 0) for op in ATTENTION_OPS)
+
+
+def flops_of(fn: Callable, *args, **kwargs) -> FlopCount:
+    """Run `fn(*args, **kwargs)` under FlopCounterMode (no grad) and return what it counted."""
+    counter = FlopCounterMode(display=False, depth=0)
+    with torch.no_grad(), counter:
+        fn(*args, **kwargs)
+    by_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
+    return FlopCount(int(counter.get_total_flops()), by_op)
+
+
+def forward_flops_measured(model: Transformer, ids: torch.Tensor, input_pos: torch.Tensor | None = None,
+                           caches=None) -> FlopCount:
+    """FLOPs of one forward pass `model(ids, input_pos, caches)`."""
+    return flops_of(model, ids, input_pos, caches)
+
+
+def generation_flops_measured(model: Transformer, prompt: torch.Tensor, n_new: int,
+                              use_cache: bool = True) -> FlopCount:
+    """FLOPs of `model.generate(prompt, n_new, use_cache)`: every forward pass it runs."""
+    _check_generation(model, prompt, n_new)
+    return flops_of(model.generate, prompt, n_new, use_cache=use_cache)
+
+
+class ShapeOnlyCache:
+    """A stand-in cache that claims `seq_len` cached positions and returns uninitialised K/V.
+
+    For counting FLOPs on the meta device, where a real cache cannot check positions (meta
+    tensors have no values). `update` returns `[B, Hkv, seq_len + S, D]` and advances.
+    """
+
+    def __init__(self, seq_len: int) -> None:
+        self.seq_len = seq_len
+
+    def update(self, input_pos: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor):
+        B, Hkv, S, D = k_new.shape
+        self.seq_len += S
+        return k_new.new_empty(B, Hkv, self.seq_len, D), v_new.new_empty(B, Hkv, self.seq_len, D)
+
+
+@lru_cache(maxsize=16)
+def meta_model(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> Transformer:
+    """kvref's model for `cfg` on the meta device: real shapes and dtypes, no storage, no values."""
+    with torch.device("meta"):
+        return Transformer(cfg).to(dtype).eval()
+
+
+@lru_cache(maxsize=256)
+def step_flops_measured(cfg: ModelConfig, batch: int, n_new: int, n_cached: int) -> FlopCount:
+    """FLOPs of one forward pass of `n_new` tokens per sequence after `n_cached` cached ones.
+
+    Counted on the meta device, so it works for real presets: `n_cached = 0` is a prefill (or
+    an uncached step over the whole sequence), `n_new = 1` a cached decode step.
+    """
+    _check_counts(batch=batch, n_new=n_new)
+    if not isinstance(n_cached, int) or n_cached < 0:
+        raise ValueError(f"n_cached must be an int >= 0, got {n_cached!r}")
+    model = meta_model(cfg)
+    ids = torch.zeros(batch, n_new, dtype=torch.long, device="meta")
+    pos = torch.arange(n_cached, n_cached + n_new, device="meta")
+    caches = [ShapeOnlyCache(n_cached) for _ in range(cfg.n_layers)] if n_cached else None
+    return flops_of(model, ids, pos, caches)
+
+
+# --- bytes --------------------------------------------------------------------------------
+
+def cache_nbytes(caches) -> int:
+    """Bytes held by a model's caches: `.nbytes` of K and V summed over every layer.
+
+    A static cache counts its whole preallocation (`max_seq_len` positions), a growing cache
+    what it holds.
+    """
+    total = 0
+    for layer, c in enumerate(caches):
+        for name in ("k", "v"):
+            t = getattr(c, name, None)
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"caches[{layer}].{name} must be a tensor or None, got {type(t).__name__}")
+            total += t.nbytes
+    return total
+
+
+def kv_cache_bytes_measured(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtype) -> int:
+    """Bytes of a cache holding `seq_len` positions for `batch` sequences in every layer.
+
+    Allocated on the meta device as kvref's StaticKVCache, one per layer, and measured by
+    `.nbytes`: nothing is stored, so real presets at long contexts cost nothing to measure.
+    """
+    _check_counts(batch=batch, seq_len=seq_len)
+    if cfg.is_mla:
+        raise ValueError("kvref has no MLA cache to allocate: MLA caches a latent per token (card14)")
+    caches = [StaticKVCache(batch, cfg.n_kv_heads, seq_len, cfg.head_dim, dtype, device="meta")
+              for _ in range(cfg.n_layers)]
+    return cache_nbytes(caches)
+
+
+def kv_bytes_per_token_measured(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes one more token adds to the cache: a one-position, one-sequence cache, measured."""
+    return kv_cache_bytes_measured(cfg, 1, 1, dtype)
+
+
+def weight_bytes_read(model: nn.Module) -> int:
+    """Bytes of every weight matrix a forward pass multiplies by (each nn.Linear's weight).
+
+    The embedding table is only indexed (one row per token) and the norm gains are vectors,
+    so neither is counted: this is what a decode step must stream from memory.
+    """
+    return sum(m.weight.nbytes for m in model.modules() if isinstance(m, nn.Linear))
+
+
+# --- argument checks ----------------------------------------------------------------------
+
+def _check_counts(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def _check_generation(model, prompt, n_new) -> None:
+    if not isinstance(model, Transformer):
+        raise TypeError(f"model must be a kvref.model.Transformer, got {type(model).__name__}")
+    if not isinstance(prompt, torch.Tensor) or prompt.ndim != 2:
+        raise ValueError(f"prompt must be an integer tensor [B, P], got {prompt!r:.60}")
+    _check_counts(n_new=n_new)

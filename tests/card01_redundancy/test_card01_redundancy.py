@@ -1,0 +1,191 @@
+"""card01: the computational redundancy problem.
+
+Every count is checked against what kvref measures on a real run, never against a second
+copy of the formula: K/V projection rows counted by forward hooks on the projections
+(kvref.model.count_kv_rows, through kvref.measure) and FLOPs counted by PyTorch's
+FlopCounterMode. The draws include several layers, batches above one and fewer KV heads than
+query heads, so forgetting V, a layer, a sequence or the GQA ratio changes the number.
+"""
+
+import functools
+import math
+from contextlib import contextmanager
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+import kvkata
+from kvkata.check import call_str, expect, expect_equal
+from kvref.config import ModelConfig, preset
+from kvref.measure import (flops_of, forward_flops_measured, generation_flops_measured, kv_rows_of_generation,
+                           kv_rows_per_forward, step_flops_measured)
+from kvref.model import build_model
+from kvref.strategies import gqa_model_configs, model_configs
+
+impl = kvkata.load("card01_redundancy.redundancy")
+
+CONFIGS = st.one_of(model_configs(), gqa_model_configs())
+PROMPT_LENS = st.integers(1, 6)
+NEW_TOKENS = st.integers(1, 5)
+BATCHES = st.integers(1, 3)
+# Two layers, 4 query heads over 2 KV heads: every memorised shortcut shows here.
+GQA = ModelConfig(vocab_size=64, n_layers=2, d_model=16, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=32)
+# The cheapest model kvref can build, for the seed's 1000-token prompt.
+TINY = ModelConfig(vocab_size=8, n_layers=1, d_model=4, n_heads=1, head_dim=2, d_ff=4, max_seq_len=2048)
+
+
+class Shown:
+    """A config shown by its fields in failure messages (call_str would only name its type)."""
+    __slots__ = ("text",)
+
+    def __init__(self, cfg) -> None:
+        self.text = (f"ModelConfig(L={cfg.n_layers}, H={cfg.n_heads}, Hkv={cfg.n_kv_heads}, D={cfg.head_dim}, "
+                     f"d_model={cfg.d_model}, d_ff={cfg.d_ff}, V={cfg.vocab_size})")
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def prompt_ids(cfg, batch, length, seed=0):
+    return torch.randint(0, cfg.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def split(measured) -> str:
+    return (f"FlopCounterMode counted {measured.total:,} = {measured.projections:,} in the nn.Linear matmuls "
+            f"+ {measured.attention:,} in the attention matmuls")
+
+
+@contextmanager
+def one_thread():
+    # A toy model over ~1000x1000 scores: on a busy machine torch's intra-op threads spin
+    # against each other and the run takes ten times longer than on one thread.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@functools.cache
+def seed_rows(use_cache: bool) -> int:
+    """K rows of one layer, batch 1, for the seed's 1000-token prompt and 100-token answer, run for real."""
+    prompt = torch.zeros(1, 1000, dtype=torch.long)
+    with one_thread():
+        return kv_rows_of_generation(build_model(TINY), prompt, 100, use_cache).k_rows
+
+
+# --- token passes and projection rows ------------------------------------------------------
+
+@pytest.mark.kata("token_passes")
+@given(cfg=CONFIGS, batch=BATCHES, p=PROMPT_LENS, n=NEW_TOKENS, use_cache=st.booleans())
+@example(cfg=GQA, batch=2, p=3, n=4, use_cache=False)
+@example(cfg=GQA, batch=2, p=3, n=4, use_cache=True)
+@example(cfg=GQA, batch=1, p=1, n=1, use_cache=False)  # one new token: one pass, nothing fed back
+def test_token_passes_match_the_rows_hooks_count_per_layer_and_sequence(cfg, batch, p, n, use_cache):
+    got = impl.token_passes(p, n, use_cache)
+    counted = kv_rows_of_generation(build_model(cfg), prompt_ids(cfg, batch, p), n, use_cache)
+    per = counted.k_rows // (cfg.n_layers * batch)
+    expect_equal(call_str("token_passes", p, n, use_cache), got, per,
+                 f"K rows the hooks counted while generate() made {n} tokens after a {p}-token prompt "
+                 f"{'with' if use_cache else 'without'} a cache, per layer and per sequence")
+
+
+@pytest.mark.kata("token_passes")
+def test_token_passes_for_the_seeds_1000_token_prompt_and_100_token_answer():
+    """The seed says '~55,000' and '550x'. Run it: the hooks count every projected token."""
+    got = {use_cache: impl.token_passes(1000, 100, use_cache) for use_cache in (False, True)}
+    for use_cache in (False, True):
+        expect_equal(call_str("token_passes", 1000, 100, use_cache), got[use_cache], seed_rows(use_cache),
+                     f"K rows counted on a real generation {'with' if use_cache else 'without'} a cache "
+                     "(one layer, one sequence); neither the seed's 55,000 nor its 100")
+
+
+@pytest.mark.kata("kv_projection_rows")
+@given(cfg=CONFIGS, batch=BATCHES, p=PROMPT_LENS, n=NEW_TOKENS, use_cache=st.booleans())
+@example(cfg=GQA, batch=3, p=2, n=3, use_cache=False)
+@example(cfg=GQA, batch=2, p=4, n=2, use_cache=True)
+def test_kv_projection_rows_count_k_and_v_in_every_layer_and_sequence(cfg, batch, p, n, use_cache):
+    got = impl.kv_projection_rows(cfg, batch, p, n, use_cache)
+    counted = kv_rows_of_generation(build_model(cfg), prompt_ids(cfg, batch, p), n, use_cache)
+    expect_equal(call_str("kv_projection_rows", Shown(cfg), batch, p, n, use_cache), got, counted.total,
+                 f"{counted.k_rows} K rows + {counted.v_rows} V rows counted by hooks over "
+                 f"{cfg.n_layers} layers and {batch} sequences")
+
+
+# --- the redundant fraction ------------------------------------------------------------------
+
+@pytest.mark.kata("redundant_fraction")
+@given(cfg=CONFIGS, batch=BATCHES, p=PROMPT_LENS, n=st.integers(1, 6))
+@example(cfg=GQA, batch=2, p=1, n=6)
+def test_redundant_fraction_is_what_a_cache_saves_at_each_pass(cfg, batch, p, n):
+    got = [impl.redundant_fraction(p, step) for step in range(n)]
+    model, prompt = build_model(cfg), prompt_ids(cfg, batch, p)
+    uncached = kv_rows_per_forward(model, prompt, n, use_cache=False)
+    cached = kv_rows_per_forward(model, prompt, n, use_cache=True)
+    for step, (g, u, c) in enumerate(zip(got, uncached, cached)):
+        want = 1 - c.k_rows / u.k_rows
+        expect(isinstance(g, (int, float)) and math.isclose(g, want, rel_tol=1e-12, abs_tol=1e-12),
+               call_str("redundant_fraction", p, step), g,
+               f"{want:.6g}: pass {step} projected {u.k_rows} K rows without a cache and {c.k_rows} with one "
+               f"(counted by hooks, {cfg.n_layers} layers x {batch} sequences)")
+
+
+# --- FLOPs ---------------------------------------------------------------------------------------
+
+@pytest.mark.kata("forward_flops")
+@given(cfg=CONFIGS, batch=BATCHES, n_cached=st.integers(0, 5), n_new=st.integers(1, 4))
+@example(cfg=GQA, batch=2, n_cached=0, n_new=4)  # a prefill
+@example(cfg=GQA, batch=2, n_cached=4, n_new=1)  # a cached decode step
+@example(cfg=GQA, batch=3, n_cached=3, n_new=2)  # a chunk after a cached prefix
+def test_forward_flops_match_flop_counter_mode_on_a_real_forward_pass(cfg, batch, n_cached, n_new):
+    got = impl.forward_flops(cfg, batch, n_new, n_cached)
+    model = build_model(cfg)
+    ids = prompt_ids(cfg, batch, n_cached + n_new)
+    caches = model.new_caches("growing")
+    with torch.no_grad():
+        if n_cached:
+            model(ids[:, :n_cached], torch.arange(n_cached), caches)
+        measured = forward_flops_measured(model, ids[:, n_cached:], torch.arange(n_cached, n_cached + n_new), caches)
+    expect_equal(call_str("forward_flops", Shown(cfg), batch, n_new, n_cached), got, measured.total, split(measured))
+
+
+@pytest.mark.kata("forward_flops")
+def test_forward_flops_of_a_llama_2_70b_decode_step_at_4096_tokens():
+    """Measured on the meta device: the real shapes, 64 query heads over 8 KV heads, no memory."""
+    cfg = preset("llama-2-70b")
+    got = impl.forward_flops(cfg, 1, 1, 4095)
+    measured = step_flops_measured(cfg, 1, 1, 4095)
+    expect_equal("forward_flops(llama-2-70b, 1, 1, 4095)", got, measured.total,
+                 split(measured) + "; about 2 FLOPs per weight, plus the scores over 4096 keys")
+
+
+@pytest.mark.kata("generation_flops")
+@given(cfg=CONFIGS, batch=BATCHES, p=PROMPT_LENS, n=NEW_TOKENS, use_cache=st.booleans())
+@example(cfg=GQA, batch=2, p=3, n=4, use_cache=False)
+@example(cfg=GQA, batch=2, p=3, n=4, use_cache=True)
+def test_generation_flops_match_flop_counter_mode_over_a_whole_generation(cfg, batch, p, n, use_cache):
+    got = impl.generation_flops(cfg, batch, p, n, use_cache)
+    measured = generation_flops_measured(build_model(cfg), prompt_ids(cfg, batch, p), n, use_cache)
+    expect_equal(call_str("generation_flops", Shown(cfg), batch, p, n, use_cache), got, measured.total,
+                 f"{split(measured)}, over generate()'s {n} forward passes")
+
+
+@pytest.mark.kata("generation_flops")
+@given(cfg=CONFIGS, batch=BATCHES, p=PROMPT_LENS, n=st.integers(3, 6))
+@example(cfg=GQA, batch=2, p=2, n=5)
+def test_a_cached_step_still_costs_more_as_the_sequence_grows(cfg, batch, p, n):
+    got = [impl.generation_flops(cfg, batch, p, k, True) for k in range(1, n + 1)]
+    model = build_model(cfg)
+    caches = model.new_caches("growing")
+    with torch.no_grad():
+        model.prefill(prompt_ids(cfg, batch, p), caches)
+        # The token fed does not change the FLOPs; the cache length does.
+        measured = [flops_of(model.decode_step, torch.zeros(batch, 1, dtype=torch.long), caches) for _ in range(1, n)]
+    for k, m in enumerate(measured, start=1):
+        extra = got[k] - got[k - 1]
+        expect_equal(f"generation_flops(..., {k + 1}, True) - generation_flops(..., {k}, True)", extra, m.total,
+                     f"the FLOPs of cached pass {k}, over {p + k} keys: {split(m)}; the scores grow with "
+                     "the sequence even with a cache")
