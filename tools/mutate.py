@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import copy
 import os
 import shutil
 import subprocess
@@ -37,8 +36,6 @@ NAME_SWAPS = {"n_kv_heads": "n_heads", "n_heads": "n_kv_heads", "Hkv": "H", "H":
 def sites(tree: ast.AST):
     """Yield (description, mutate) pairs; mutate(node) edits a deep copy in place."""
     for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(node):
-            pass
         if isinstance(node, ast.BinOp):
             for new in BINOPS.get(type(node.op), []):
                 yield node, f"line {node.lineno}: {type(node.op).__name__} -> {new.__name__}", lambda n, new=new: setattr(n, "op", new())
@@ -58,27 +55,23 @@ def sites(tree: ast.AST):
             yield node, f"line {node.lineno}: unary minus removed", "drop-usub"
 
 
+def _targets(tree: ast.AST):
+    """The mutation sites of `tree`, docstrings left alone (mutating prose is not a mutant)."""
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(n)}
+    return [(n, d, m) for n, d, m in sites(tree) if id(n) not in docs]
+
+
 def mutants(source: str):
-    tree = ast.parse(source)
-    # Leave docstrings alone: mutating prose is not a mutant.
-    doc_nodes = {id(n.body[0].value) for n in ast.walk(tree)
-                 if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(n)}
-    targets = [(n, d, m) for n, d, m in sites(tree) if id(n) not in doc_nodes]
-    for index, (_, desc, _) in enumerate(targets):
+    """Yield (description, mutated source), one site at a time, each from a fresh parse."""
+    for index, (_, desc, _) in enumerate(_targets(ast.parse(source))):
         fresh = ast.parse(source)
-        fresh_targets = [(n, d, m) for n, d, m in sites(fresh)
-                         if id(n) not in {id(x.body[0].value) for x in ast.walk(fresh)
-                                          if isinstance(x, (ast.Module, ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(x)}]
-        node, _, mutate = fresh_targets[index]
+        node, _, mutate = _targets(fresh)[index]
         if mutate == "drop-usub":
             node.op = ast.UAdd()
         else:
             mutate(node)
-        try:
-            text = ast.unparse(fresh)
-        except Exception:
-            continue
-        yield desc, text
+        yield desc, ast.unparse(fresh)
 
 
 def main() -> int:
