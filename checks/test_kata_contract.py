@@ -343,6 +343,8 @@ SPOILERS = {
     "kvref/parallel.py": "card07",
     "kvref/kv_quant.py": "card04",
     "kvref/compress.py": "card14",
+    "kvref/rope.py": "card06",
+    "kvref/alibi.py": "card06",
     "kvref/eviction.py": "card08",
     "kvref/paging.py": "cards 03 and 13",
     "kvref/offload.py": "card13",

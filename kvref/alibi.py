@@ -1,4 +1,4 @@
-"""Spoiler for card06 (a card not on main yet: it is on branch card06): ALiBi slopes and biases (Press, Smith and Lewis 2022, "Train Short, Test Long", §3).
+"""Spoiler for card06: ALiBi slopes and biases (Press, Smith and Lewis 2022, "Train Short, Test Long", §3).
 
 ALiBi adds no position to q or k. Query i's score against key j gets the bias -m_h · (i - j),
 where m_h is head h's slope; keys in the cache are stored raw, so a cache shifted or windowed

@@ -1,4 +1,4 @@
-"""Spoiler for card06 (a card not on main yet: it is on branch card06): rotary position embedding, both conventions, re-rotation (and the RoPE of kvref's model).
+"""Spoiler for card06: rotary position embedding, both conventions, re-rotation (and the RoPE of kvref's model).
 
 Half-split convention (Llama, GPT-NeoX, Hugging Face): dimension i of the first half pairs with
 dimension i + r/2. Interleaved convention (GPT-J, the RoFormer paper): dimension 2i pairs with
