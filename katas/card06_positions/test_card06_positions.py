@@ -214,6 +214,12 @@ def test_rope_rerotate_equals_rotating_the_raw_key_at_p_plus_delta(data, D, delt
                  kvref_rotate(k, pos + delta, theta, convention, r), AXES, atol=2 * fp32_rope_atol(k, 6000), rtol=1e-5,
                  why=f"keys rotated at {pos.tolist()} moved by {delta}: the raw keys rotated at {(pos + delta).tolist()} "
                      f"({convention}, {'all' if r is None else r} of {D} dimensions)")
+    # `[..., S, D]`: any leading dimensions, here one layer's cache of one sequence, `[Hkv, S, D]`.
+    got3 = rope.rope_rerotate(k_rot[0], delta, theta, convention, r)
+    expect_close(call_str("rope_rerotate", k_rot[0], delta, theta, convention, r), got3,
+                 kvref_rotate(k[0], pos + delta, theta, convention, r), ("head", "position", "dim"),
+                 atol=2 * fp32_rope_atol(k, 6000), rtol=1e-5,
+                 why="the same keys without the batch dimension: positions run along dimension -2, whatever comes before")
 
 
 @pytest.mark.kata("rope_rerotate")
