@@ -90,12 +90,18 @@ def test_rope_rotate_of_unit_vectors_pairs_the_right_dimensions_at_the_right_fre
     for convention, i, want in cases:
         x = torch.zeros(1, 1, 1, 4)
         x[..., i] = 1.0
-        got = rope.rope_rotate(x, pos, 10000.0, convention)
-        expect_close(call_str("rope_rotate", x, pos, 10000.0, convention), got, torch.tensor(want).view(1, 1, 1, 4),
+        got = rope.rope_rotate(x, pos, convention=convention)  # theta: the default, 10000
+        expect_close(call_str("rope_rotate", x, pos, convention=convention), got, torch.tensor(want).view(1, 1, 1, 4),
                      AXES, atol=1e-6, rtol=0,
                      why=f"unit vector e{i} at position 1: {convention} pairs "
                          f"{'dim j with j + 2' if convention == 'half' else 'dim 2j with 2j + 1'}; pair 0 turns by "
                          "1 rad, pair 1 by 0.01 rad (frequencies fall with the pair index)")
+    x, far = torch.tensor([[[[0.0, 1.0, 0.0, 0.0]]]]), torch.tensor([3000])
+    got = rope.rope_rotate(x, far)  # theta and convention: the defaults, 10000 and "half"
+    expect_close(call_str("rope_rotate", x, far), got, torch.tensor([0, math.cos(30), 0, math.sin(30)]).view(1, 1, 1, 4),
+                 AXES, atol=2e-5, rtol=0,
+                 why="e1 at position 3000 with the defaults (theta 10000, half-split): pair 1 turns by 3000 · 10000^(-2/4) "
+                     "= 30 rad")
 
 
 @pytest.mark.kata("rope_rotate")
@@ -133,15 +139,17 @@ def test_rope_rotate_of_bf16_input_is_computed_in_fp32(convention, seed):
 @example(D=8, distance=5, theta=10000.0, convention="interleaved", seed=2)
 def test_rope_relative_score_equals_scores_measured_at_many_absolute_positions(D, distance, theta, convention, seed):
     q, k = rand(4, D, seed=seed).double(), rand(4, D, seed=seed + 100).double()
-    got = rope.rope_relative_score(q.float(), k.float(), distance, theta, convention)
-    expect_tensor(call_str("rope_relative_score", q.float(), k.float(), distance, theta, convention), got, (4,))
+    # theta 10000 is the signature's default: leave it out, so the default is checked too
+    args = (distance,) if theta == 10000.0 else (distance, theta)
+    got = rope.rope_relative_score(q.float(), k.float(), *args, convention=convention)
+    expect_tensor(call_str("rope_relative_score", q.float(), k.float(), *args, convention=convention), got, (4,))
     n_values = [0, 1, 17, 255, 1000, 4095] if distance >= 0 else [40, 41, 300, 4095]
     for n in n_values:
         m = n + distance
         qm = kvref_rotate(q[:, None], torch.tensor([m]), theta, convention)[:, 0]
         kn = kvref_rotate(k[:, None], torch.tensor([n]), theta, convention)[:, 0]
         measured = (qm * kn).sum(-1)  # float64: the positions' own rounding is far below the tolerance
-        expect_close(call_str("rope_relative_score", q.float(), k.float(), distance, theta, convention), got, measured,
+        expect_close(call_str("rope_relative_score", q.float(), k.float(), *args, convention=convention), got, measured,
                      ("pair",), atol=1e-4 * float(q.norm(dim=-1).max() * k.norm(dim=-1).max()), rtol=1e-4,
                      why=f"q rotated at m = {m} dotted with k rotated at n = {n} ({convention}, base {theta:g}), "
                          f"measured; every (m, n) with m - n = {distance} gives the same score")
@@ -161,11 +169,12 @@ def run_rope_decode(B, H, D, steps, start, window, theta, convention, seed):
     pos_all = torch.arange(N)
     k_rot = kvref_rotate(k, pos_all, theta, convention)  # every key rotated at its own position
     k_cache, v_cache = k_rot[:, :, first:start].clone(), v[:, :, first:start].clone()
+    base = () if theta == 10000.0 else (theta,)  # 10000 is the signature's default: left out, so it is checked too
     for p in range(start, N):
         call = call_str("rope_cached_decode", q[:, :, p:p + 1], k[:, :, p:p + 1], v[:, :, p:p + 1], k_cache, v_cache,
-                        p, theta, convention)
+                        p, *base, convention=convention)
         out, k_cache, v_cache = rope.rope_cached_decode(q[:, :, p:p + 1], k[:, :, p:p + 1], v[:, :, p:p + 1],
-                                                        k_cache, v_cache, p, theta, convention)
+                                                        k_cache, v_cache, p, *base, convention=convention)
         lo = p + 1 - min(p + 1, window + 1)  # the window: the cache's keys and the new one
         expect_tensor(call, k_cache, (B, H, p + 1 - lo, D), layout="returned k_cache [B, H, T + 1, D]")
         expect_close(call, k_cache, k_rot[:, :, lo:p + 1], AXES, atol=fp32_rope_atol(k, N), rtol=1e-5,
@@ -235,8 +244,8 @@ def test_rope_rerotate_renumbers_a_sink_cache_as_if_rotated_from_scratch(D, wind
     cache = kvref_rotate(k[:, :, kept], torch.arange(len(kept)), 10000.0, convention)
     for t in range(sinks + window, N):
         # evict the oldest non-sink token: those after it move one slot (one position) back
-        call = call_str("rope_rerotate", cache[:, :, sinks + 1:], -1, 10000.0, convention)
-        moved = rope.rope_rerotate(cache[:, :, sinks + 1:], -1, 10000.0, convention)
+        call = call_str("rope_rerotate", cache[:, :, sinks + 1:], -1, convention=convention)
+        moved = rope.rope_rerotate(cache[:, :, sinks + 1:], -1, convention=convention)  # theta: the default, 10000
         cache = torch.cat([cache[:, :, :sinks], moved], dim=2)
         kept = kept[:sinks] + kept[sinks + 1:]
         want_cache = kvref_rotate(k[:, :, kept], torch.arange(len(kept)), 10000.0, convention)
