@@ -292,7 +292,7 @@ def test_selective_cache_recompute_flops_match_flopcountermode_on_the_rebuild(se
 
 @pytest.mark.kata("selective_cache_recompute_flops")
 def test_selective_cache_recompute_flops_of_llama_caching_the_top_or_the_bottom_half():
-    """The seed caches the top half and 'recomputes the rest on the fly': which half is cached decides the bill."""
+    """The source card caches the top half and 'recomputes the rest on the fly': which half is cached decides the bill."""
     cfg = preset("llama-2-7b")  # 32 layers
     for cached, text in ((set(range(16, 32)), "{16..31}"), (set(range(16)), "{0..15}"), (set(range(1, 32)), "{1..31}"),
                          (set(range(0, 32, 2)), "{0, 2, .., 30}")):
