@@ -32,7 +32,7 @@ Two things stand in the way.
 
 How many splits: enough programs to fill whole waves of the GPU, where a wave is the number
 of programs resident at once (SMs x programs per SM, which the compiled kernel's registers
-and shared memory decide). The K/V loads are software-pipelined (``num_stages=3``: two
+and shared memory decide). The K/V loads are software-pipelined (``num_stages=4``: three
 buffers per operand), so a program asks for its next tile while it computes on this one.
 
 Sequences in a batch have different lengths (``seq_lens``, each ``1..T``); positions at or
@@ -78,14 +78,14 @@ else:
 CACHE_LAYOUT = "[B, Hkv, T, D]"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
-BLOCK_N = 64  # keys per tile: 64 x 128 x bf16 = 16 KiB of K (and of V) per load
+BLOCK_N = 32  # keys per tile: 32 x 128 x bf16 = 8 KiB of K (and of V) per copy; 3 tiles in flight
 MIN_BLOCK_G = 16  # tl.dot needs every tile dimension >= 16
-MAX_SPLITS = 128  # the merge holds one lse per split of a head in registers
+MAX_SPLITS = 64  # the merge loads all partials of a head at once (MERGE_ELEMENTS / D = 64 at D = 128)
 NUM_WARPS = 4
-NUM_STAGES = 3  # Triton 3.x: num_stages - 1 = 2 shared-memory buffers per loaded operand
+NUM_STAGES = 4  # Triton 3.x: num_stages - 1 = 3 shared-memory buffers per loaded operand
 MERGE_ELEMENTS = 8192  # fp32 partials the merge loads per step: 64 registers a thread at 4 warps
 WAVE_FILL = 0.9  # choose_num_splits: the last wave of programs at least this full
-DEFAULT_PROGRAMS_PER_SM = 3  # H100, bf16, D = 128, G = 4: 71,680 B of shared memory; see choose_num_splits
+DEFAULT_PROGRAMS_PER_SM = 3  # H100, bf16, D = 128, G = 4: 62,464 B of shared memory; see choose_num_splits
 INTERPRETER_SPLITS = 2  # the CPU interpreter runs programs one at a time: splits only cost time
 
 
@@ -191,9 +191,9 @@ def _decode_kernel(
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)  # running sum of exp2(score - m_i)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)  # running sum of p * v
 
-    # num_stages=3 (see _launch) gives every load in this loop two shared-memory buffers: the
-    # compiler issues tile j+1's asynchronous copies (cp.async) before it waits for tile j, so
-    # one tile's load overlaps the previous tile's compute.
+    # NUM_STAGES = 4 gives every load in this loop three shared-memory buffers: the compiler
+    # issues the copies (cp.async) of tiles j+1 and j+2 before it waits for tile j, so two
+    # tiles are on their way while this one is computed on.
     for start_n in range(split_start, split_end, BLOCK_N):
         offs_t = start_n + offs_n
         mask_t = offs_t < split_end
@@ -208,7 +208,7 @@ def _decode_kernel(
         # (start_n >= 0, so the offset is 0). Loaded before the loop, q has to reach shared
         # memory (the dot's operand) before the pipelined K/V copies are issued, so every
         # program would wait for q's round trip before asking for its first tile. Here q is
-        # one more asynchronous copy beside K and V, 1/8 of their bytes at G=4 and D=128,
+        # one more asynchronous copy beside K and V (16 padded rows, G of them real),
         # served from L1/L2 after the first tile.
         q = tl.load(q_ptrs + tl.minimum(start_n, 0), mask=mask_gd, other=0.0)
 
