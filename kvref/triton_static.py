@@ -373,6 +373,21 @@ def _tool(name: str) -> str:
     return path
 
 
+def unavailable() -> str | None:
+    """Why the static check cannot run here (no triton, or no ptxas / cuobjdump), or None."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not installed ({exc})"
+    try:
+        for path in (_ptxas(), _tool("cuobjdump")):
+            if not os.path.exists(path):
+                return f"{path} is missing"
+    except (FileNotFoundError, RuntimeError) as exc:
+        return str(exc)
+    return None
+
+
 def _ptxas() -> str:
     """The ptxas triton itself compiles sm_90a with (triton 3.9: the bundled ptxas-blackwell)."""
     try:
@@ -395,6 +410,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: an interpreted kernel cannot be compiled")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, set to silence its warning
+    if reason := unavailable():
+        parser.exit(3, f"cannot compile for sm_90a here: {reason}\n")
     rows = study(dtype=args.dtype)
     if args.json:
         print(json.dumps(dict(hardware=H100, model=MODEL, rows=rows)))
