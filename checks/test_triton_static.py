@@ -21,6 +21,10 @@ import pytest
 
 from kvref import triton_static
 
+# The fixture compiles every specialization once (about 20 s on 2 cores, more on a cold triton
+# cache): past the suite's 20 s per-test limit.
+pytestmark = pytest.mark.timeout(600)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -96,7 +100,7 @@ def test_the_wrappers_default_programs_per_sm_is_the_compiled_kernels(rows):
 
 MISSED = {  # issue 9's targets the model says this kernel misses, and why (strict: a pass is news)
     (1, 32, 8, 4096, 128): "about 5 us fixed (launch 1, seq_lens 0.5, first tile 1, last tile's "
-    "compute 0.4, merge and drain 1.5) against 5.6 us of streaming 16 MiB",
+    "compute 0.4, merge, drain and partials 2.0) against 5.6 us of streaming 16 MiB",
     (1, 32, 8, 16384, 128): "the same 5 us of fixed costs against 22.4 us of streaming 64 MiB",
 }
 
