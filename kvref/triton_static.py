@@ -63,6 +63,7 @@ H, D = 32, 128  # query heads and head dim of Llama-3-8B (its config.json)
 BENCH_POINTS = ((1, 4096), (1, 16384), (1, 32768), (1, 131072), (64, 4096))  # (B, T), issue 9
 GROUPS = (1, 4, 8)  # G = H / Hkv: MHA, Llama-3-8B's GQA, and G = 8
 SHAPES = tuple((B, H, H // G, T, D) for G in GROUPS for B, T in BENCH_POINTS)  # (B, H, Hkv, T, D)
+SHAPES += ((128, H, H, 4096, D),)  # 4096 programs, 10.3 waves: one split, the build without the merge
 TARGETS = {  # issue 9, "Done when": modeled fraction of copy bandwidth at G = 4, bf16
     (1, 32, 8, 4096, 128): 0.60,
     (1, 32, 8, 16384, 128): 0.85,
