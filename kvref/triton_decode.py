@@ -365,7 +365,7 @@ def decode_attention(
         props = torch.cuda.get_device_properties(q.device)
         _PROGRAMS_PER_SM_SEEN[_occupancy_key(q, D, G)] = programs_per_sm(
             kernel.n_regs, kernel.metadata.shared, kernel.metadata.num_warps,
-            regs_per_sm=props.regs_per_multiprocessor,
+            regs_per_sm=getattr(props, "regs_per_multiprocessor", 65536),  # not in every torch build
             smem_per_sm=props.shared_memory_per_multiprocessor,
             max_threads_per_sm=props.max_threads_per_multi_processor,
         )
