@@ -479,7 +479,7 @@ def _arrivals(n, device):
 
 
 def _scratch(shape, device):
-    """fp32 scratch for the partial results; every element is written by the split kernel."""
+    """fp32 scratch for the partial results; every element is written before the merge reads it."""
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 

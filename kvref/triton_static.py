@@ -77,7 +77,7 @@ TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp3
 
 @dataclass
 class KernelFacts:
-    """What the compiled split kernel of one launch is, read from its PTX, SASS and cubin."""
+    """What the compiled kernel of one launch is, read from its PTX, SASS and cubin."""
 
     regs: int  # per thread
     spill_bytes: int  # spill stores + spill loads, ptxas -v
