@@ -1,7 +1,7 @@
 """Maintainers' checks for kvref.triton_decode: the flash-decoding kernel against its spec.
 
 Layout as in the Triton tutorials: build inputs, run the reference and the kernel, compare.
-Without CUDA the kernels run in Triton's CPU interpreter, so shapes stay small and example
+Without CUDA the kernel runs in Triton's CPU interpreter, so shapes stay small and example
 counts modest; with CUDA the same tests run compiled on the GPU.
 
 Tolerances (atol = rtol, against fp32 math on the same already-rounded inputs) are a few
@@ -178,7 +178,7 @@ def test_splits_past_the_end_of_every_sequence_change_nothing(num_splits, device
 
 
 def test_every_output_and_scratch_element_is_written(device, monkeypatch):
-    # NaN wherever the kernels should write: an element left unwritten, or a partial result
+    # NaN wherever the kernel should write: an element left unwritten, or a partial result
     # the merge reads without its split having written it, shows up as NaN in the output.
     def nan_scratch(shape, device):
         return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
