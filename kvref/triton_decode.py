@@ -208,9 +208,9 @@ def _decode_kernel(
         # (start_n >= 0, so the offset is 0). Loaded before the loop, q has to reach shared
         # memory (the dot's operand) before the pipelined K/V copies are issued, so every
         # program would wait for q's round trip before asking for its first tile. Here q is
-        # one more asynchronous copy beside K and V (16 padded rows, G of them real),
-        # served from L1/L2 after the first tile.
-        q = tl.load(q_ptrs + tl.minimum(start_n, 0), mask=mask_gd, other=0.0)
+        # one more asynchronous copy beside K and V (G real rows), served from L2 after the
+        # first tile. Padding rows are zero, so their scores are finite and never stored.
+        q = tl.load(q_ptrs + tl.minimum(start_n, 0), mask=mask_gd, other=0.0)  # [BLOCK_G, BLOCK_D]
 
         s = _dot(q, tl.trans(k), DOT_PRECISION, DOT_VIA_FP32) * qk_scale  # [BLOCK_G, BLOCK_N]
         s = tl.where(mask_t[None, :], s, float("-inf"))
