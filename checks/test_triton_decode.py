@@ -1,7 +1,7 @@
 """Maintainers' checks for kvref.triton_decode: the flash-decoding kernel against its spec.
 
 Layout as in the Triton tutorials: build inputs, run the reference and the kernel, compare.
-Without CUDA the kernels run in Triton's CPU interpreter, so shapes stay small and example
+Without CUDA the kernel runs in Triton's CPU interpreter, so shapes stay small and example
 counts modest; with CUDA the same tests run compiled on the GPU.
 
 Tolerances (atol = rtol, against fp32 math on the same already-rounded inputs) are a few
@@ -16,6 +16,7 @@ shapes were 1.3u for fp16 and 1.7u for bf16.
 """
 
 import importlib.util
+import math
 import os
 import sys
 
@@ -34,7 +35,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvref import triton_decode
-from kvref.triton_decode import BLOCK_N, MAX_SPLITS, decode_attention, decode_attention_ref
+from kvref.triton_decode import (
+    BLOCK_N,
+    MAX_SPLITS,
+    WAVE_FILL,
+    decode_attention,
+    decode_attention_ref,
+    programs_per_sm,
+    splits_for_waves,
+)
 
 TOLERANCE = {  # dtype -> atol = rtol, see the module docstring
     torch.float32: 1e-5,
@@ -158,9 +167,10 @@ def test_a_single_cached_token_is_returned_exactly(dtype, device):
 
 @pytest.mark.parametrize("num_splits", [2, 7, MAX_SPLITS])
 def test_splits_past_the_end_of_every_sequence_change_nothing(num_splits, device):
-    # T = 40 fits in one tile, so every split but the first is empty; their weight must be
-    # exactly 0, leaving the one-split result bit for bit.
-    q, k_cache, v_cache, seq_lens = make_inputs(2, 2, 2, 40, 64, torch.float32, device, seed=1, seq_lens=[40, 3])
+    # T fits in one tile, so every split but the first is empty; their weight must be exactly
+    # 0, leaving the one-split result (stored directly, no merge) bit for bit.
+    T = BLOCK_N - 3
+    q, k_cache, v_cache, seq_lens = make_inputs(2, 2, 2, T, 64, torch.float32, device, seed=1, seq_lens=[T, 3])
     one_split = decode_attention(q, k_cache, v_cache, seq_lens, num_splits=1)
     many_splits = decode_attention(q, k_cache, v_cache, seq_lens, num_splits=num_splits)
     assert torch.equal(many_splits, one_split)
@@ -168,7 +178,7 @@ def test_splits_past_the_end_of_every_sequence_change_nothing(num_splits, device
 
 
 def test_every_output_and_scratch_element_is_written(device, monkeypatch):
-    # NaN wherever the kernels should write: an element left unwritten, or a partial result
+    # NaN wherever the kernel should write: an element left unwritten, or a partial result
     # the merge reads without its split having written it, shows up as NaN in the output.
     def nan_scratch(shape, device):
         return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
@@ -220,6 +230,83 @@ def test_large_scores_do_not_overflow_the_softmax(device):
     q = q * 40
     actual = decode_attention(q, k_cache, v_cache, seq_lens, num_splits=1)
     assert_close(actual, decode_attention_ref(q, k_cache, v_cache, seq_lens), torch.float32, "large scores")
+
+
+def test_one_split_stores_the_output_itself_without_scratch(device, monkeypatch):
+    def no_scratch(shape, device):
+        raise AssertionError(f"one split allocated scratch {shape}: it should store the output directly")
+
+    monkeypatch.setattr(triton_decode, "_scratch", no_scratch)
+    T = 3 * BLOCK_N + 7
+    q, k_cache, v_cache, seq_lens = make_inputs(2, 2, 3, T, 32, torch.float16, device, seed=8, seq_lens=[T, 5])
+    actual = decode_attention(q, k_cache, v_cache, seq_lens, num_splits=1)
+    assert_close(actual, decode_attention_ref(q, k_cache, v_cache, seq_lens), torch.float16, "one split")
+
+
+def test_the_most_splits_are_merged_by_the_last_program_of_each_head(device):
+    # MAX_SPLITS splits of one tile each: every split holds keys, and the program that arrives
+    # last on its head's counter merges all of them (the merge reads every split in one load).
+    T = MAX_SPLITS * BLOCK_N
+    q, k_cache, v_cache, seq_lens = make_inputs(1, 2, 2, T, 16, torch.float32, device, seed=9, seq_lens=[T])
+    actual = decode_attention(q, k_cache, v_cache, seq_lens, num_splits=MAX_SPLITS)
+    assert_close(actual, decode_attention_ref(q, k_cache, v_cache, seq_lens), torch.float32, "MAX_SPLITS splits")
+
+
+def test_the_arrival_counters_are_back_at_zero_after_every_call(device):
+    # The last split of each head resets its counter; a counter left at k would make the next
+    # call merge after only num_splits - k arrivals, reading partials not yet written.
+    q, k_cache, v_cache, seq_lens = make_inputs(3, 2, 2, 100, 16, torch.float32, device, seed=10, seq_lens=[100, 1, 64])
+    first = decode_attention(q, k_cache, v_cache, seq_lens, num_splits=3)
+    counters = triton_decode._arrivals(3 * 2, q.device)
+    assert not counters.any(), f"counters left at {counters[:6].tolist()}"
+    assert torch.equal(decode_attention(q, k_cache, v_cache, seq_lens, num_splits=3), first)
+
+
+# %%
+# How many splits
+
+
+@pytest.mark.parametrize(
+    "regs, smem, num_warps, expected",
+    [
+        (112, 62464, 4, 3),  # the bf16 kernel compiled for sm_90a: shared memory decides
+        (72, 41984, 4, 5),  # 41 KiB + 1 KiB reserved: 233472 // 43008 = 5
+        (168, 1024, 4, 3),  # 168 registers round to 5376 per warp: 65536 // 21504 = 3
+        (32, 0, 4, 16),  # 2048 threads per SM: 16 programs of 128 threads
+        (16, 0, 1, 32),  # and never more than 32 resident blocks
+    ],
+)
+def test_programs_per_sm_follow_the_h100_limits(regs, smem, num_warps, expected):
+    got = programs_per_sm(regs, smem, num_warps)
+    assert got == expected, f"programs_per_sm({regs}, {smem}, {num_warps}) returned {got}, expected {expected}"
+
+
+@pytest.mark.parametrize(
+    "B, Hkv, T, expected",
+    [
+        (1, 8, 16384, 47),  # 512 tiles of 32 keys: 47 splits of 11 tiles, 376 of 396 slots
+        (1, 8, 4096, 43),  # 128 tiles: 43 splits of 3 tiles (the last of 2), 344 of 396
+        (64, 8, 4096, 3),  # 1536 programs: 3.88 waves of 396
+        (1, 8, 40, 2),  # 2 tiles: no more than 2 splits, whatever the GPU
+    ],
+)
+def test_the_split_count_fills_whole_waves_of_an_h100(B, Hkv, T, expected):
+    got = splits_for_waves(B, Hkv, T, sms=132, programs_per_sm=3)
+    assert got == expected, f"splits_for_waves({B}, {Hkv}, {T}, sms=132, programs_per_sm=3) returned {got}, expected {expected}"
+
+
+@settings(max_examples=60, deadline=None)
+@given(B=st.integers(1, 128), Hkv=st.integers(1, 64), T=st.integers(1, 2**17), pps=st.integers(1, 8))
+def test_the_split_count_leaves_no_split_empty_and_fills_its_waves_when_it_can(B, Hkv, T, pps):
+    splits = splits_for_waves(B, Hkv, T, sms=132, programs_per_sm=pps)
+    tiles = -(-T // BLOCK_N)
+    assert 1 <= splits <= min(MAX_SPLITS, tiles)
+    assert -(-tiles // -(-tiles // splits)) == splits, "a split with no tile: the tiles were cut unevenly"
+    waves = B * Hkv * splits / (132 * pps)
+    if waves / math.ceil(waves) < WAVE_FILL:  # then no other split count fills better
+        for other in range(1, min(MAX_SPLITS, tiles) + 1):
+            other_waves = B * Hkv * -(-tiles // -(-tiles // other)) / (132 * pps)
+            assert other_waves / math.ceil(other_waves) <= waves / math.ceil(waves) + 1e-12
 
 
 # %%

@@ -19,13 +19,21 @@ Two things stand in the way.
   8 programs on a GPU with 132 SMs. Flash-decoding (Dao et al., 2023) also splits the
   sequence: program ``(b, kv_head, split)`` runs an online softmax over its own slice of the
   cache and writes a *partial* result, the slice's normalised output and its log-sum-exp.
-  A second, tiny kernel merges the partial softmaxes of every split::
+  The partial softmaxes of every split are merged::
 
       lse   = logsumexp_s(lse_s)
       out   = sum_s exp(lse_s - lse) * out_s
 
   which is exact, because each ``out_s`` is the softmax-weighted mean over its slice and
-  ``exp(lse_s - lse)`` is the share of the total softmax mass that slice holds.
+  ``exp(lse_s - lse)`` is the share of the total softmax mass that slice holds. The merge is
+  no second kernel: each program counts itself in on an atomic counter per (sequence, KV
+  head), and the last to arrive merges that head's splits. With one split there is no
+  scratch and no merge: the program stores the output itself.
+
+How many splits: enough programs to fill whole waves of the GPU, where a wave is the number
+of programs resident at once (SMs x programs per SM, which the compiled kernel's registers
+and shared memory decide). The K/V loads are software-pipelined (``num_stages=4``: three
+buffers per operand), so a program asks for its next tile while it computes on this one.
 
 Sequences in a batch have different lengths (``seq_lens``, each ``1..T``); positions at or
 past a sequence's length are masked out. Each sequence's length is cut into ``num_splits``
@@ -45,7 +53,7 @@ Head dims 16..256 are supported. ``tl.arange`` needs a power of two, so the kern
 ``BLOCK_D = next_power_of_2(D)`` columns and mask the rest: D = 80 or 96 costs padded lanes,
 not correctness.
 
-Laid out as in the Triton tutorials: a PyTorch reference (the spec), the two kernels, then
+Laid out as in the Triton tutorials: a PyTorch reference (the spec), the kernel, then
 the wrapper that checks shapes, allocates and launches.
 """
 
@@ -70,11 +78,14 @@ else:
 CACHE_LAYOUT = "[B, Hkv, T, D]"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
-BLOCK_N = 64  # keys per tile: 64 x 128 x bf16 = 16 KiB of K (and of V) per load
+BLOCK_N = 32  # keys per tile: 32 x 128 x bf16 = 8 KiB of K (and of V) per copy; 3 tiles in flight
 MIN_BLOCK_G = 16  # tl.dot needs every tile dimension >= 16
-MAX_SPLITS = 128  # the merge kernel holds all splits of one head in registers
-MIN_SPLIT_LEN = 4 * BLOCK_N  # shorter splits spend more on scratch and merge than they save
-WAVES = 4  # aim for this many programs per SM, so the last wave's tail is short
+MAX_SPLITS = 64  # the merge loads all partials of a head at once (MERGE_ELEMENTS / D = 64 at D = 128)
+NUM_WARPS = 4
+NUM_STAGES = 4  # Triton 3.x: num_stages - 1 = 3 shared-memory buffers per loaded operand
+MERGE_ELEMENTS = 8192  # fp32 partials the merge loads per step: 64 registers a thread at 4 warps
+WAVE_FILL = 0.9  # choose_num_splits: the last wave of programs at least this full
+DEFAULT_PROGRAMS_PER_SM = 3  # H100, bf16, D = 128, G = 4: 62,464 B of shared memory; see choose_num_splits
 INTERPRETER_SPLITS = 2  # the CPU interpreter runs programs one at a time: splits only cost time
 
 
@@ -111,8 +122,8 @@ def decode_attention_ref(
 
 
 # %%
-# Kernel 1: one program per (sequence, KV head, split)
-# ----------------------------------------------------
+# The kernel: one program per (sequence, KV head, split), the merge fused into the last one
+# ------------------------------------------------------------------------------------------
 
 
 @_jit
@@ -129,13 +140,14 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, DOT_VIA_FP32: tl.constexpr):
 
 
 @_jit
-def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, seq_lens_ptr,  # q [B, H, D], k/v [B, Hkv, T, D], seq_lens [B]
-    part_out_ptr, part_lse_ptr,  # fp32 scratch: [B, H, S, D] and [B, H, S]
+def _decode_kernel(
+    q_ptr, k_ptr, v_ptr, seq_lens_ptr, out_ptr,  # q [B, H, D], k/v [B, Hkv, T, D], seq_lens [B], out [B, H, D]
+    part_out_ptr, part_lse_ptr, arrivals_ptr,  # fp32 scratch [B, H, S, D], [B, H, S]; int32 [B, Hkv], all 0
     qk_scale,  # softmax scale * log2(e): scores come out in base 2, ready for exp2
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_od,
     stride_pb, stride_ph, stride_ps,  # part_out's last stride is 1 (we allocate it)
     stride_lb, stride_lh,  # part_lse's last stride is 1
     G: tl.constexpr,  # query heads per KV head
@@ -143,6 +155,9 @@ def _decode_split_kernel(
     BLOCK_G: tl.constexpr,  # G padded to a power of two >= 16
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,  # D padded to a power of two
+    ONE_SPLIT: tl.constexpr,  # one split: normalise and store the output, no scratch, no merge
+    BLOCK_S: tl.constexpr,  # the split count padded to a power of two (the merge's lse row)
+    MERGE_S: tl.constexpr,  # most splits the merge reads at once: [MERGE_S, BLOCK_D] fp32 of partials
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs: TF32 would cost ~1e-3 relative
     DOT_VIA_FP32: tl.constexpr,  # bfloat16 under the CPU interpreter, see _dot
 ):
@@ -164,15 +179,11 @@ def _decode_split_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_g = offs_g < G
     mask_d = offs_d < D
+    mask_gd = mask_g[:, None] & mask_d[None, :]
     offs_h = pid_kh * G + offs_g  # the query heads that read this KV head
 
     # Batch and head offsets in int64: a [64, 32, 128k, 128] cache has more than 2**31 elements.
-    q_base = q_ptr + pid_b.to(tl.int64) * stride_qb
-    q = tl.load(
-        q_base + offs_h[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-        mask=mask_g[:, None] & mask_d[None, :],
-        other=0.0,
-    )  # [BLOCK_G, BLOCK_D]; padding rows are zero, so their scores are finite and unused
+    q_ptrs = q_ptr + pid_b.to(tl.int64) * stride_qb + offs_h[:, None] * stride_qh + offs_d[None, :] * stride_qd
     k_base = k_ptr + pid_b.to(tl.int64) * stride_kb + pid_kh.to(tl.int64) * stride_kh
     v_base = v_ptr + pid_b.to(tl.int64) * stride_vb + pid_kh.to(tl.int64) * stride_vh
 
@@ -180,13 +191,26 @@ def _decode_split_kernel(
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)  # running sum of exp2(score - m_i)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)  # running sum of p * v
 
+    # NUM_STAGES = 4 gives every load in this loop three shared-memory buffers: the compiler
+    # issues the copies (cp.async) of tiles j+1 and j+2 before it waits for tile j, so two
+    # tiles are on their way while this one is computed on.
     for start_n in range(split_start, split_end, BLOCK_N):
         offs_t = start_n + offs_n
         mask_t = offs_t < split_end
-        # D is the contiguous axis: each row of the tile is one coalesced read.
+        # D is the contiguous axis: each row of the tile is one coalesced read. K and V are
+        # read once, so they should not push q, the partials and the counters out of L2.
         kv_mask = mask_t[:, None] & mask_d[None, :]
-        k = tl.load(k_base + offs_t[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_t[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        k_ptrs = k_base + offs_t[:, None] * stride_kt + offs_d[None, :] * stride_kd
+        v_ptrs = v_base + offs_t[:, None] * stride_vt + offs_d[None, :] * stride_vd
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0, eviction_policy="evict_first")
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0, eviction_policy="evict_first")
+        # q is loaded in the loop, from an address the compiler cannot prove loop-invariant
+        # (start_n >= 0, so the offset is 0). Loaded before the loop, q has to reach shared
+        # memory (the dot's operand) before the pipelined K/V copies are issued, so every
+        # program would wait for q's round trip before asking for its first tile. Here q is
+        # one more asynchronous copy beside K and V (G real rows), served from L2 after the
+        # first tile. Padding rows are zero, so their scores are finite and never stored.
+        q = tl.load(q_ptrs + tl.minimum(start_n, 0), mask=mask_gd, other=0.0)  # [BLOCK_G, BLOCK_D]
 
         s = _dot(q, tl.trans(k), DOT_PRECISION, DOT_VIA_FP32) * qk_scale  # [BLOCK_G, BLOCK_N]
         s = tl.where(mask_t[None, :], s, float("-inf"))
@@ -199,62 +223,82 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, DOT_VIA_FP32)
         m_i = m_new
 
-    # An empty split (start past seq_len) never entered the loop: l_i = 0. It writes a zero
-    # output and lse = -inf, so the merge gives it weight 0; dividing by 1 avoids 0 / 0.
-    has_keys = l_i > 0
-    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    if ONE_SPLIT:  # the program saw the whole sequence (>= 1 token, so l_i > 0)
+        o_ptrs = out_ptr + pid_b.to(tl.int64) * stride_ob + offs_h[:, None] * stride_oh + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=mask_gd)
+    else:
+        # An empty split (start past seq_len) never entered the loop: l_i = 0. It writes a zero
+        # output and lse = -inf, so the merge gives it weight 0; dividing by 1 avoids 0 / 0.
+        has_keys = l_i > 0
+        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        part_ptrs = part_out_ptr + pid_b.to(tl.int64) * stride_pb + pid_s * stride_ps + offs_h[:, None] * stride_ph
+        tl.store(part_ptrs + offs_d[None, :], acc / tl.where(has_keys, l_i, 1.0)[:, None], mask=mask_gd)
+        l_base = part_lse_ptr + pid_b.to(tl.int64) * stride_lb + pid_s
+        tl.store(l_base + offs_h * stride_lh, lse, mask=mask_g)
 
-    p_base = part_out_ptr + pid_b.to(tl.int64) * stride_pb + pid_s * stride_ps
-    tl.store(
-        p_base + offs_h[:, None] * stride_ph + offs_d[None, :],
-        out,
-        mask=mask_g[:, None] & mask_d[None, :],
-    )
-    l_base = part_lse_ptr + pid_b.to(tl.int64) * stride_lb + pid_s
-    tl.store(l_base + offs_h * stride_lh, lse, mask=mask_g)
-
-
-# %%
-# Kernel 2: merge the splits of one (sequence, query head) by log-sum-exp
-# ------------------------------------------------------------------------
+        # The last of the head's splits to finish merges them all: no second kernel. Every
+        # thread's stores come before the barrier; the atomic's release (gpu scope, cumulative)
+        # publishes them with the count, and its acquire makes the last program see the others'.
+        tl.debug_barrier()
+        counter = arrivals_ptr + pid_b * tl.num_programs(1) + pid_kh
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == num_splits - 1:
+            _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, pid_b, pid_kh, num_splits,
+                          stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+                          stride_ob, stride_oh, stride_od,
+                          G, D, BLOCK_S, MERGE_S, BLOCK_D)
+            tl.store(counter, 0)  # ready for the next call on this stream
 
 
 @_jit
-def _merge_splits_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr,  # [B, H, S, D] fp32, [B, H, S] fp32, [B, H, D]
-    num_splits,
-    stride_pb, stride_ph, stride_ps,
-    stride_lb, stride_lh,
+def _merge_splits(
+    part_out_ptr, part_lse_ptr, out_ptr, pid_b, pid_kh, num_splits,
+    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     stride_ob, stride_oh, stride_od,
-    D: tl.constexpr,
-    BLOCK_S: tl.constexpr,  # num_splits padded to a power of two
-    BLOCK_D: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_h = tl.program_id(1)
+    """out[h] = sum_s exp2(lse_s - lse) * out_s for the G query heads of one KV head.
+
+    The partials were just written by other programs: they are read with .cg (from L2, past
+    this SM's L1, which is not coherent with the other SMs' stores).
+    """
     offs_s = tl.arange(0, BLOCK_S)
+    offs_c = tl.arange(0, MERGE_S)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < num_splits
     mask_d = offs_d < D
-
-    lse = tl.load(part_lse_ptr + pid_b * stride_lb + pid_h * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
-    # Finite whenever seq_len >= 1; the guard keeps an all-empty row from forming -inf - -inf.
-    lse_max = tl.max(lse, axis=0)
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    weight = tl.exp2(lse - lse_max)  # [BLOCK_S]; empty and padding splits weigh exactly 0
-
-    part = tl.load(
-        part_out_ptr + pid_b * stride_pb + pid_h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
-        mask=mask_s[:, None] & mask_d[None, :],
-        other=0.0,
-    )  # [BLOCK_S, BLOCK_D]
-    out = tl.sum(weight[:, None] * part, axis=0) / tl.sum(weight, axis=0)
-    tl.store(
-        out_ptr + pid_b * stride_ob + pid_h * stride_oh + offs_d * stride_od,
-        out.to(out_ptr.dtype.element_ty),
-        mask=mask_d,
-    )
+    b = pid_b.to(tl.int64)
+    for g in tl.static_range(G):
+        h = pid_kh * G + g
+        lse_ptrs = part_lse_ptr + b * stride_lb + h * stride_lh
+        lse = tl.load(lse_ptrs + offs_s, mask=offs_s < num_splits, other=float("-inf"), cache_modifier=".cg")
+        # Finite: the first split of a sequence of >= 1 token holds a key.
+        lse_max = tl.max(lse, axis=0)
+        weight = tl.exp2(lse - lse_max)  # [BLOCK_S]; empty and padding splits weigh exactly 0
+        part_ptrs = part_out_ptr + b * stride_pb + h * stride_ph
+        if BLOCK_S <= MERGE_S:  # every split in one load: one L2 round trip per head
+            part = tl.load(
+                part_ptrs + offs_s[:, None] * stride_ps + offs_d[None, :],
+                mask=(offs_s < num_splits)[:, None] & mask_d[None, :],
+                other=0.0,
+                cache_modifier=".cg",
+            )  # [BLOCK_S, BLOCK_D]
+            acc = tl.sum(weight[:, None] * part, axis=0)
+        else:  # too many for the registers: MERGE_S splits a step
+            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for s0 in range(0, num_splits, MERGE_S):
+                offs = s0 + offs_c
+                mask = offs < num_splits
+                weight_c = tl.exp2(tl.load(lse_ptrs + offs, mask=mask, other=float("-inf"), cache_modifier=".cg") - lse_max)
+                part = tl.load(
+                    part_ptrs + offs[:, None] * stride_ps + offs_d[None, :],
+                    mask=mask[:, None] & mask_d[None, :],
+                    other=0.0,
+                    cache_modifier=".cg",
+                )  # [MERGE_S, BLOCK_D]
+                acc += tl.sum(weight_c[:, None] * part, axis=0)
+        total = tl.sum(weight, axis=0)
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d * stride_od,
+                 (acc / total).to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
 # %%
@@ -272,14 +316,18 @@ def decode_attention(
     out: torch.Tensor | None = None,
     check_seq_lens: bool = True,
 ) -> torch.Tensor:
-    """Decode attention with the flash-decoding Triton kernels; same contract as decode_attention_ref.
+    """Decode attention with the flash-decoding Triton kernel; same contract as decode_attention_ref.
 
     q [B, H, D], k_cache / v_cache [B, Hkv, T, D] (any strides), seq_lens [B] integers in 1..T.
     scale       softmax scale, default 1 / sqrt(D).
-    num_splits  pieces each sequence is cut into (1..MAX_SPLITS); default from the problem size.
+    num_splits  pieces each sequence is cut into (1..MAX_SPLITS); default from the problem size
+                and how many programs of the compiled kernel fit on an SM (choose_num_splits).
     out         optional [B, H, D] tensor of q's dtype to write into (returned).
     check_seq_lens  False skips the one host sync (reading min/max of seq_lens), so the call can
                 be captured in a CUDA graph; lengths outside 1..T then read outside the cache.
+
+    Calls on one device and stream share a small int32 counter buffer (the splits of a head
+    count themselves in; the last resets it). Make the first call outside CUDA-graph capture.
     """
     if triton is None:
         raise ImportError(
@@ -291,8 +339,10 @@ def decode_attention(
             f"tensors are on {q.device}; Triton runs them there only under TRITON_INTERPRET=1, "
             "set before kvref.triton_decode is first imported (or use decode_attention_ref)"
         )
+    G = H // Hkv
     if num_splits is None:
-        num_splits = choose_num_splits(B, Hkv, T, q.device)
+        seen = _PROGRAMS_PER_SM_SEEN.get(_occupancy_key(q, D, G))
+        num_splits = choose_num_splits(B, Hkv, T, q.device, programs_per_sm=seen)
     if not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be an int in 1..{MAX_SPLITS}, got {num_splits!r}")
     if out is None:
@@ -302,64 +352,134 @@ def decode_attention(
     if B == 0:
         return out  # an empty batch: nothing to launch (a grid of size 0 is an error)
 
-    G = H // Hkv
     scale = D**-0.5 if scale is None else float(scale)
-    part_out = _scratch((B, H, num_splits, D), q.device)
-    part_lse = _scratch((B, H, num_splits), q.device)
+    if num_splits == 1:  # the kernel writes `out` directly: no scratch (the pointers go unused)
+        part_out, part_lse = out, out[:, :, 0]
+    else:
+        part_out = _scratch((B, H, num_splits, D), q.device)
+        part_lse = _scratch((B, H, num_splits), q.device)
 
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
-        _launch(q, k_cache, v_cache, seq_lens, out, part_out, part_lse, scale, G, D, num_splits)
+        kernel = _launch(q, k_cache, v_cache, seq_lens, out, part_out, part_lse, scale, G, D, num_splits)
+    if q.device.type == "cuda" and getattr(kernel, "n_regs", None):
+        props = torch.cuda.get_device_properties(q.device)
+        _PROGRAMS_PER_SM_SEEN[_occupancy_key(q, D, G)] = programs_per_sm(
+            kernel.n_regs, kernel.metadata.shared, kernel.metadata.num_warps,
+            regs_per_sm=getattr(props, "regs_per_multiprocessor", 65536),  # not in every torch build
+            smem_per_sm=props.shared_memory_per_multiprocessor,
+            max_threads_per_sm=props.max_threads_per_multi_processor,
+        )
     return out
 
 
 def _launch(q, k_cache, v_cache, seq_lens, out, part_out, part_lse, scale, G, D, num_splits):
-    """Both kernels, on the current device: grid (B, Hkv, num_splits), then grid (B, H)."""
+    """One kernel on the current device, grid (B, Hkv, num_splits); returns what triton's launch returns."""
     B, H, _ = q.shape
     Hkv = k_cache.shape[1]
     BLOCK_D = triton.next_power_of_2(D)
     BLOCK_S = triton.next_power_of_2(num_splits)
-    _decode_split_kernel[(B, Hkv, num_splits)](
-        q, k_cache, v_cache, seq_lens,
-        part_out, part_lse,
+    return _decode_kernel[(B, Hkv, num_splits)](
+        q, k_cache, v_cache, seq_lens, out,
+        part_out, part_lse, _arrivals(B * Hkv, q.device),
         scale * math.log2(math.e),
-        *q.stride(), *k_cache.stride(), *v_cache.stride(),
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         *part_out.stride()[:3], *part_lse.stride()[:2],
         G=G, D=D,
         BLOCK_G=max(MIN_BLOCK_G, triton.next_power_of_2(G)),
         BLOCK_N=BLOCK_N,
         BLOCK_D=BLOCK_D,
+        ONE_SPLIT=num_splits == 1,
+        BLOCK_S=BLOCK_S,
+        MERGE_S=max(1, MERGE_ELEMENTS // BLOCK_D),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         DOT_VIA_FP32=_INTERPRETED and q.dtype == torch.bfloat16,
-        num_warps=4,
-        num_stages=2,  # the next K/V tiles load (cp.async) while this one computes; ~38 KiB smem at D=128
-    )
-    _merge_splits_kernel[(B, H)](
-        part_out, part_lse, out,
-        num_splits,
-        *part_out.stride()[:3], *part_lse.stride()[:2],
-        *out.stride(),
-        D=D,
-        BLOCK_S=BLOCK_S,
-        BLOCK_D=BLOCK_D,
-        num_warps=4 if BLOCK_S * BLOCK_D <= 4096 else 8,  # all splits of a head sit in registers
+        num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES,
     )
 
 
-def choose_num_splits(B: int, Hkv: int, T: int, device: torch.device | str) -> int:
-    """The wrapper's default split count: enough (sequence, KV head, split) programs for WAVES
-    per SM, but no split shorter than MIN_SPLIT_LEN. On an H100 (132 SMs) at B = 1, Hkv = 8
-    and T = 128k that is 66 splits of 2k tokens; from B * Hkv >= 528 on, one split."""
+# %%
+# How many splits: whole waves of the programs that fit on the GPU
+# -----------------------------------------------------------------
+
+
+def programs_per_sm(
+    regs: int,
+    smem: int,
+    num_warps: int,
+    *,
+    regs_per_sm: int = 65536,
+    smem_per_sm: int = 228 * 1024,
+    max_threads_per_sm: int = 2048,
+) -> int:
+    """Programs (CTAs) of a compiled kernel resident on one SM at once, from its registers per
+    thread, its shared memory and its warps. Defaults: an H100 (compute capability 9.0, CUDA
+    occupancy calculator / programming guide table "Technical Specifications per Compute
+    Capability"): 64 Ki registers, 228 KiB shared memory, 2048 threads, 32 resident blocks per SM;
+    registers are allocated per warp in units of 256, and each block reserves 1 KiB of shared memory."""
+    if regs < 1 or smem < 0 or num_warps < 1:
+        raise ValueError(f"need regs >= 1, smem >= 0, num_warps >= 1; got {regs}, {smem}, {num_warps}")
+    regs_per_warp = -(-regs * 32 // 256) * 256
+    limits = (
+        regs_per_sm // (regs_per_warp * num_warps),
+        smem_per_sm // (smem + 1024),
+        max_threads_per_sm // (32 * num_warps),
+        32,
+    )
+    return min(limits)
+
+
+def splits_for_waves(B: int, Hkv: int, T: int, sms: int, programs_per_sm: int) -> int:
+    """Splits per sequence so that B * Hkv * splits busy programs fill whole waves of
+    sms * programs_per_sm: the fewest splits that fill at least WAVE_FILL of their last wave,
+    else the best fill. Splits are whole BLOCK_N tiles, so only splits that leave no split
+    empty are counted. At B = 1, Hkv = 8 on 132 SMs with 3 programs per SM: one wave of 396."""
+    tiles = max(1, -(-T // BLOCK_N))
+    slots = sms * max(1, programs_per_sm)
+    best, best_fill = 1, 0.0
+    for splits in sorted({-(-tiles // (-(-tiles // s))) for s in range(1, min(tiles, MAX_SPLITS) + 1)}):
+        waves = B * Hkv * splits / slots
+        fill = waves / math.ceil(waves)
+        if fill >= WAVE_FILL:
+            return splits
+        if fill > best_fill:
+            best, best_fill = splits, fill
+    return best
+
+
+def choose_num_splits(
+    B: int, Hkv: int, T: int, device: torch.device | str, *, programs_per_sm: int | None = None
+) -> int:
+    """The wrapper's default split count: splits_for_waves on the device's SMs. programs_per_sm
+    is the compiled kernel's (the wrapper records it after its first launch for a dtype, D and
+    G); until then DEFAULT_PROGRAMS_PER_SM, the value checks/test_triton_static.py reads from
+    the kernel compiled for an H100 (bf16, D = 128, G = 4). Chosen from T, the bound: no host sync."""
     device = torch.device(device)
     if device.type != "cuda":
         return max(1, min(INTERPRETER_SPLITS, -(-T // BLOCK_N)))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    wanted = -(-WAVES * sms // max(1, B * Hkv))  # ceil; 1 once the batch alone fills the GPU
-    longest_useful = max(1, T // MIN_SPLIT_LEN)  # chosen from T, the bound: no host sync
-    return max(1, min(wanted, longest_useful, MAX_SPLITS))
+    return splits_for_waves(B, Hkv, T, sms, programs_per_sm or DEFAULT_PROGRAMS_PER_SM)
+
+
+def _occupancy_key(q, D, G):
+    return (q.device, q.dtype, D, G)
+
+
+_PROGRAMS_PER_SM_SEEN: dict = {}  # (device, dtype, D, G) -> programs per SM of the compiled kernel
+_ARRIVALS: dict = {}  # (device, stream) -> int32 counters, zero between calls
+
+
+def _arrivals(n, device):
+    """n int32 zeros that stay zero between calls (the last split of each head resets its counter)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    if key not in _ARRIVALS or _ARRIVALS[key].numel() < n:
+        _ARRIVALS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return _ARRIVALS[key]
 
 
 def _scratch(shape, device):
-    """fp32 scratch for the partial results; every element is written by the split kernel."""
+    """fp32 scratch for the partial results; every element is written before the merge reads it."""
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
@@ -390,4 +510,4 @@ def _check_inputs(q, k_cache, v_cache, seq_lens, check_values=True):
 
 
 # Whether triton.jit handed back its CPU interpreter (TRITON_INTERPRET=1 at import time).
-_INTERPRETED = triton is not None and not isinstance(_decode_split_kernel, triton.runtime.JITFunction)
+_INTERPRETED = triton is not None and not isinstance(_decode_kernel, triton.runtime.JITFunction)
