@@ -308,6 +308,18 @@ def test_int4_unpack_recovers_the_codes_kvref_packed(codes):
     expect_close(call, got.double(), unpack_bits(packed, 4).double(), axes=("row", "code"), atol=0, rtol=0)
 
 
+@pytest.mark.kata("int4_unpack")
+def test_int4_unpack_of_a_kvref_cache_block_reads_its_stored_bytes_back():
+    x = kv_tensor((1, 2, 3, 8))
+    q, _, _ = quantize(x, QuantScheme(4, "token", 4, True, torch.float16))
+    stored = pack_bits(q, 4)  # what QuantizedKVCache keeps: [B, Hkv, T, D/2] bytes
+    call = call_str("int4_unpack", stored)
+    got = impl.int4_unpack(stored)
+    expect_tensor(call, got, (1, 2, 3, 8), torch.uint8, layout="[B, Hkv, T, D]: only the last axis doubles")
+    expect_close(call, got.double(), q.double(), axes=("batch", "head", "position", "code"), atol=0, rtol=0,
+                 why="the codes behind the bytes kvref's quantized cache stores, a 4-D block of 3 tokens")
+
+
 # --- the axis experiment ---------------------------------------------------------------------------
 
 def measured_axis_errors(q, k, bits):
