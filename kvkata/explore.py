@@ -84,11 +84,11 @@ code, .formula { font-family: ui-monospace, monospace; background: #f4f4f4; padd
 .big { font-size: 18px; font-weight: 600; }
 .layers { display: flex; flex-wrap: wrap; gap: 10px; margin: 6px 0; }
 .layer { border: 1px solid #bbb; padding: 4px; } .layer .t { font-size: 11px; color: #555; }
-.row { display: flex; align-items: center; gap: 1px; margin: 1px 0; } .row .h { font-size: 10px; width: 44px; color: #555; }
+.row { display: flex; align-items: center; gap: 1px; margin: 1px 0; } .row .h { font-size: 10px; width: 62px; color: #555; white-space: nowrap; }
 .cell { width: 9px; height: 12px; background: #eee; }
 .cell.prefill { background: #3b7dd8; } .cell.decode { background: #e08a1e; }
 .blocks { display: flex; flex-wrap: wrap; gap: 3px; margin: 6px 0; }
-.pblock { width: 46px; border: 1px solid #aaa; font-size: 10px; text-align: center; }
+.pblock { width: 58px; white-space: nowrap; border: 1px solid #aaa; font-size: 10px; text-align: center; }
 .pblock .fill { height: 8px; background: #eee; position: relative; } .pblock .fill div { height: 8px; }
 .A .fill div { background: #3b7dd8; } .B .fill div { background: #2a9d5c; }
 table.bt { border-collapse: collapse; margin: 4px 0; } table.bt td, table.bt th { border: 1px solid #ccc; padding: 1px 5px; font-size: 12px; }
