@@ -15,9 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from kvkata import ROOT
+import torch
+
+from kvkata import ROOT, explore
 from kvref import roofline
-from kvref.config import preset
+from kvref.cache import GrowingKVCache
+from kvref.config import ModelConfig, preset
 from kvref.paging import BlockAllocator
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -86,20 +89,30 @@ def test_the_memory_calculator_shows_kvrefs_bytes(page, name, dtype, bytes_, bat
 
 
 def test_the_cache_grows_by_the_prompt_at_prefill_and_one_position_per_decode_step(page):
+    """Side by side: the page's buttons, and kvref's GrowingKVCache (one per layer, fp16) fed the same steps."""
+    toy = ModelConfig(**explore.TOY)
+    L, Hkv, D, prompt = toy.n_layers, toy.n_kv_heads, toy.head_dim, explore.TOY_PROMPT
+    caches = [GrowingKVCache() for _ in range(L)]
+
+    def feed(first: int, n: int) -> None:
+        for cache in caches:
+            kv = torch.zeros(1, Hkv, n, D, dtype=torch.float16)  # (B, Hkv, S, D)
+            cache.update(torch.arange(first, first + n), kv, kv)
+
     page.click("#reset")
     assert page.text_content("#cached-positions") == "0"
     page.click("#prefill")
-    toy = {"L": 4, "Hkv": 2, "prompt": 12}
-    assert int(page.text_content("#cached-positions")) == toy["prompt"]
-    for step in range(1, 4):
-        page.click("#decode")
-        t = toy["prompt"] + step
-        assert int(page.text_content("#cached-positions")) == t
-        assert int(page.text_content("#cached-rows")) == toy["L"] * toy["Hkv"] * t
-        assert page.locator("#grid .cell.prefill").count() == toy["L"] * toy["Hkv"] * toy["prompt"]
-        assert page.locator("#grid .cell.decode").count() == toy["L"] * toy["Hkv"] * step
-    # 2 (K and V) · Hkv 2 · D 64 · 2 bytes (fp16) per position per layer, over 4 layers
-    assert int(page.text_content("#cache-bytes")) == 4 * 2 * 2 * 64 * 2 * (toy["prompt"] + 3)
+    feed(0, prompt)
+    for step in range(4):
+        if step:
+            page.click("#decode")
+            feed(caches[0].seq_len, 1)
+        t = caches[0].seq_len
+        assert int(page.text_content("#cached-positions")) == t, f"after prefill and {step} decode steps"
+        assert int(page.text_content("#cached-rows")) == sum(c.k.shape[0] * c.k.shape[1] * c.k.shape[2] for c in caches)
+        assert int(page.text_content("#cache-bytes")) == sum(c.k.nbytes + c.v.nbytes for c in caches)
+        assert page.locator("#grid .cell.prefill").count() == L * Hkv * prompt
+        assert page.locator("#grid .cell.decode").count() == L * Hkv * step
 
 
 @pytest.mark.parametrize("prompt_a, prompt_b, steps", [(40, 21, 10), (16, 1, 0), (17, 33, 15), (5, 5, 40)])
