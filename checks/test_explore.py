@@ -115,6 +115,19 @@ def test_the_cache_grows_by_the_prompt_at_prefill_and_one_position_per_decode_st
         assert page.locator("#grid .cell.decode").count() == L * Hkv * step
 
 
+def test_play_fills_the_cache_to_its_last_position_and_stops(page):
+    page.click("#reset")
+    page.click("#prefill")
+    for _ in range(explore.TOY_MAX_POSITIONS - explore.TOY_PROMPT - 3):  # play the last 3 steps only
+        page.click("#decode")
+    page.click("#play")
+    last = str(explore.TOY_MAX_POSITIONS)
+    sync_api.expect(page.locator("#cached-positions")).to_have_text(last, timeout=15_000)
+    page.wait_for_timeout(400)  # a timer still running would step past the end
+    assert page.text_content("#cached-positions") == last and page.text_content("#play") == "play"
+    assert page.locator("#grid .cell:not(.prefill):not(.decode)").count() == 0
+
+
 @pytest.mark.parametrize("prompt_a, prompt_b, steps", [(40, 21, 10), (16, 1, 0), (17, 33, 15), (5, 5, 40)])
 def test_the_block_tables_are_kvrefs_allocators(page, prompt_a, prompt_b, steps):
     page.fill("#prompt-a", str(prompt_a))

@@ -114,7 +114,7 @@ table.bt { border-collapse: collapse; margin: 4px 0; } table.bt td, table.bt th 
 <h2>2. The cache filling: prefill, then decode</h2>
 <section>
 <div class="note" id="toy-desc"></div>
-<button id="prefill">prefill the prompt</button> <button id="decode">decode one token</button> <button id="reset">reset</button>
+<button id="prefill">prefill the prompt</button> <button id="decode">decode one token</button> <button id="play">play</button> <button id="reset">reset</button>
 <span class="legend"><span style="background:#3b7dd8"></span>prefill <span style="background:#e08a1e"></span>decode</span>
 <div>cached positions T = <span class="big" id="cached-positions">0</span>,
   cached K rows = L·Hkv·T = <span class="big" id="cached-rows">0</span> (and as many V rows),
@@ -133,6 +133,7 @@ slot of position p = block_table[p // bs] · bs + p % bs;   waste = blocks · bs
 <table class="bt" id="bt"></table>
 <div class="blocks" id="pool"></div>
 <div class="note" id="paging-note"></div>
+<div class="note">card03 (slot reservation and fragmentation) and card13 (sharing) ask for these numbers; kvref/paging.py is the allocator.</div>
 </section>
 
 <script>
@@ -238,7 +239,15 @@ $("toy-desc").textContent = `A small model (L=${toy.n_layers} layers, H=${toy.n_
   `Bytes per position per layer were measured on kvref's StaticKVCache: ${toy.fp16_bytes_per_position_per_layer} B.`;
 $("prefill").addEventListener("click", () => { cached = toy.prompt; prefilled = true; paintGrid(); });
 $("decode").addEventListener("click", () => { if (cached < toy.max_positions) cached += 1; paintGrid(); });
-$("reset").addEventListener("click", () => { cached = 0; prefilled = false; paintGrid(); });
+let timer = null;
+function stop() { clearInterval(timer); timer = null; $("play").textContent = "play"; }
+$("play").addEventListener("click", () => {
+  if (timer) return stop();
+  if (!prefilled || cached >= toy.max_positions) { cached = toy.prompt; prefilled = true; paintGrid(); }
+  $("play").textContent = "pause";
+  timer = setInterval(() => { cached += 1; paintGrid(); if (cached >= toy.max_positions) stop(); }, 150);
+});
+$("reset").addEventListener("click", () => { stop(); cached = 0; prefilled = false; paintGrid(); });
 $("bs").textContent = DATA.block_size;
 $("prompt-a").value = DATA.paging_example.prompt_a; $("prompt-b").value = DATA.paging_example.prompt_b;
 $("steps").value = DATA.paging_example.steps;
