@@ -99,6 +99,7 @@ def test_no_command_writes_a_learners_file_without_a_backup(project_copy, tmp_pa
     stub.write_text(stub.read_text() + "\n# my notes, which no command may lose\n")
     commands = [["list"], ["hint", "card01"], ["interview", "card01"], ["board", "-k", "token_passes"],
                 ["cards", "--anki", str(tmp_path / "deck.apkg")], ["plot", "--out", str(tmp_path / "plots")],
+                ["explore"], ["explore"],
                 ["interview", "--live", "card01"], ["reset", "card01", "forward_flops"], ["reset", "card00"]]
     for cmd in commands:
         before = learner_files(project_copy)
@@ -114,6 +115,23 @@ def test_no_command_writes_a_learners_file_without_a_backup(project_copy, tmp_pa
             assert (folder / p).read_bytes() == before[p], f"kvkata {' '.join(cmd)}: the backup of {p} is not the old file"
     assert len(backup.list_backups(project_copy)) >= 2  # the two resets wrote, and backed up
     assert kvkata(project_copy, "cards", "--anki", str(tmp_path / "deck.apkg")).returncode == 2  # never overwrites
+
+
+def test_explore_backs_up_a_page_it_replaces_and_refuses_one_outside_the_folder(project_copy, tmp_path):
+    page = project_copy / "kvkata-explore.html"
+    page.write_text("my annotated copy")
+    n_backups = len(backup.list_backups(project_copy))
+    proc = kvkata(project_copy, "explore")
+    assert proc.returncode == 0, proc.stderr
+    backups = backup.list_backups(project_copy)
+    assert len(backups) == n_backups + 1 and "backed up the old kvkata-explore.html" in proc.stdout
+    saved = project_copy / ".kvkata" / "backups" / backups[-1][0] / "kvkata-explore.html"
+    assert saved.read_text() == "my annotated copy"
+    assert "<script>" in page.read_text() and "/*DATA*/null" not in page.read_text()
+    outside = tmp_path / "elsewhere.html"
+    outside.write_text("not kvkata's")
+    assert kvkata(project_copy, "explore", "--out", str(outside)).returncode == 2
+    assert outside.read_text() == "not kvkata's"
 
 
 def test_watch_reruns_the_card_when_a_stub_is_saved_and_stops_cleanly(project_copy):

@@ -10,6 +10,7 @@
     kvkata reset CARD [KATA]      put a card's stubs (or one kata) back, after backing up your file
     kvkata restore [ID]           list the backups, or bring one back (backing up what it replaces)
     kvkata plot [--out DIR]       figures from kvref's models and the benchmarks, as PNGs
+    kvkata explore [--out PATH]   one self-contained HTML page: the calculator, the cache filling, paging
     kvkata cards --anki PATH      an Anki deck of the interviewer questions
     kvkata snapshot               maintainers: pack the current stubs as the pristine copy reset uses
 """
@@ -198,6 +199,22 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_explore(args) -> int:
+    from kvkata import backup
+    from kvkata.explore import write_page
+    path, cwd = Path(args.out).resolve(), Path.cwd().resolve()
+    if path.exists():
+        if cwd not in path.parents:
+            print(f"kvkata: {args.out} exists outside this folder; give a new path "
+                  "(kvkata never overwrites a file it did not back up)", file=sys.stderr)
+            return 2
+        folder = backup.back_up([path.relative_to(cwd)], root=cwd)
+        print(f"kvkata: backed up the old {args.out} to {folder.relative_to(cwd)}/")
+    write_page(path)
+    print(f"kvkata: wrote {args.out}; open it in a browser (it uses no network)")
+    return 0
+
+
 def cmd_cards(args) -> int:
     if not args.anki:
         return cmd_list(args)
@@ -247,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("snapshot", help="maintainers: pack the current stubs as the pristine copy")
     p_plot = sub.add_parser("plot", help="figures from kvref's models and the benchmarks, as PNGs")
     p_plot.add_argument("--out", default="kvkata-plots", help="folder to write into (default ./kvkata-plots)")
+    p_explore = sub.add_parser("explore", help="one self-contained HTML page to explore the cache, from kvref's numbers")
+    p_explore.add_argument("--out", default="kvkata-explore.html", help="file to write (default ./kvkata-explore.html)")
     p_cards = sub.add_parser("cards", help="the cards; with --anki PATH, an Anki deck of the interview questions")
     p_cards.add_argument("--anki", metavar="PATH")
     args = parser.parse_args(argv)
@@ -254,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(["board"])
     return {"board": cmd_board, "hint": cmd_hint, "interview": cmd_interview, "list": cmd_list, "watch": cmd_watch,
             "reset": cmd_reset, "restore": cmd_restore, "snapshot": cmd_snapshot, "plot": cmd_plot,
-            "cards": cmd_cards}[args.command](args)
+            "explore": cmd_explore, "cards": cmd_cards}[args.command](args)
 
 
 if __name__ == "__main__":
