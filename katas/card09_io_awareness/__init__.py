@@ -1,0 +1,1 @@
+"""card09: IO-awareness: decode attention's arithmetic intensity, and Flash-Decoding's split and merge."""

@@ -1,0 +1,220 @@
+"""card09: IO-awareness.
+
+The intensity katas are checked against measurement: FLOPs counted by FlopCounterMode on kvref's
+attention over real tensors, bytes by `.nbytes` of K and V allocated in the cache's dtype. The
+merge is checked against PyTorch's scaled_dot_product_attention over every key at once, with the
+partials computed here from the definition (float64), splits drawn ragged and sometimes empty.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import kvkata
+from kvkata.check import call_str, expect, expect_close, expect_real, expect_tensor
+from kvref.attention import attention
+from kvref.config import ModelConfig, preset
+from kvref.hardware import A100_80GB_SXM, H100_SXM, HARDWARE
+from kvref.measure import flops_of
+from kvref.strategies import gqa_model_configs, hardware_presets, model_configs
+
+impl = kvkata.load("card09_io_awareness.flash")
+
+CONFIGS = st.one_of(model_configs(max_layers=1), gqa_model_configs(max_layers=2))
+CACHE_DTYPES = st.sampled_from([torch.bfloat16, torch.float32, torch.float16, torch.float8_e4m3fn, torch.int8])
+# Each example runs attention under FlopCounterMode: a few milliseconds.
+MEASURED = settings(max_examples=min(settings().max_examples, 40))
+
+
+def measured_intensity(cfg: ModelConfig, dtype: torch.dtype, S: int = 1, T: int = 5, B: int = 1) -> tuple[float, int, int]:
+    """(FLOPs / bytes, FLOPs, bytes) of one layer's attention for S queries over T cached keys, measured.
+
+    FLOPs: FlopCounterMode over kvref.attention on float32 tensors (the count does not depend on
+    the dtype). Bytes: `.nbytes` of K and V allocated in `dtype`, the cache the step reads.
+    """
+    H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, S, D, generator=g)
+    T_read = max(T, S)  # kvref's attention places the S queries at the last S of the cached positions
+    k, v = torch.randn(B, Hkv, T_read, D, generator=g), torch.randn(B, Hkv, T_read, D, generator=g)
+    flops = flops_of(attention, q, k, v)
+    k_cache, v_cache = torch.zeros(B, Hkv, T_read, D, dtype=dtype), torch.zeros(B, Hkv, T_read, D, dtype=dtype)
+    nbytes = k_cache.nbytes + v_cache.nbytes
+    return flops.attention / nbytes, flops.attention, nbytes
+
+
+def shown(cfg: ModelConfig) -> str:
+    return f"ModelConfig(n_heads={cfg.n_heads}, n_kv_heads={cfg.n_kv_heads}, head_dim={cfg.head_dim}, ...)"
+
+
+# --- decode_attention_intensity ----------------------------------------------------------------
+
+@MEASURED
+@pytest.mark.kata("decode_attention_intensity")
+@given(cfg=CONFIGS, dtype=CACHE_DTYPES, T=st.integers(1, 40), B=st.integers(1, 3))
+@example(cfg=ModelConfig(vocab_size=8, n_layers=1, d_model=16, n_heads=8, n_kv_heads=2, head_dim=8, d_ff=8),
+         dtype=torch.bfloat16, T=7, B=2)
+def test_decode_attention_intensity_equals_counted_flops_over_the_bytes_of_k_and_v(cfg, dtype, T, B):
+    got = impl.decode_attention_intensity(cfg, dtype)
+    want, flops, nbytes = measured_intensity(cfg, dtype, 1, T, B)
+    expect_real(call_str("decode_attention_intensity", shown(cfg), dtype), got, want, rel=1e-12,
+                why=f"FlopCounterMode counted {flops:,} FLOPs of q·kᵀ and p·v for {B} x {cfg.n_heads} query heads over "
+                    f"{T} keys; K and V in {dtype} are {nbytes:,} bytes ({B} x {cfg.n_kv_heads} KV heads x {T} x "
+                    f"{cfg.head_dim} x 2 tensors x {dtype.itemsize} B)")
+
+
+@pytest.mark.kata("decode_attention_intensity")
+def test_decode_attention_intensity_of_real_models_stays_far_below_every_ridge_at_every_head_dim():
+    cases = [("llama-2-7b", torch.bfloat16), ("llama-3-8b", torch.bfloat16), ("llama-2-70b", torch.bfloat16),
+             ("llama-2-70b", torch.float8_e4m3fn)]
+    for name, dtype in cases:
+        cfg = preset(name)
+        for head_dim in (64, 128, 256, 1024):
+            c = cfg.with_(head_dim=head_dim)
+            got = impl.decode_attention_intensity(c, dtype)
+            want, flops, nbytes = measured_intensity(c, dtype, 1, 4, 1)
+            expect_real(call_str("decode_attention_intensity", f"{name} with head_dim={head_dim}", dtype), got, want,
+                        rel=1e-12, why=f"{name}: {c.n_heads} query heads over {c.n_kv_heads} KV heads, measured "
+                                       f"{flops:,} FLOPs over {nbytes:,} bytes; head_dim and T cancel")
+            ridge = min(hw.ridge_point(dtype) for hw in HARDWARE.values() if hw.computes_in(dtype))
+            expect(got < ridge / 10, call_str("decode_attention_intensity", name, dtype), got,
+                   f"an intensity far below the lowest ridge point of kvref's devices in {dtype} ({ridge:.0f} "
+                   f"FLOP/B): no head dim makes decode compute-bound")
+
+
+# --- queries_to_reach_ridge ------------------------------------------------------------------------
+
+@MEASURED
+@pytest.mark.kata("queries_to_reach_ridge")
+@given(cfg=CONFIGS, hw=hardware_presets, dtype=st.sampled_from([torch.bfloat16, torch.float32, torch.float16,
+                                                                 torch.float8_e4m3fn]))
+@example(cfg=ModelConfig(vocab_size=8, n_layers=1, d_model=16, n_heads=8, n_kv_heads=2, head_dim=8, d_ff=8),
+         hw=H100_SXM, dtype=torch.bfloat16)
+def test_queries_to_reach_ridge_is_the_first_count_whose_measured_intensity_reaches_it(cfg, hw, dtype):
+    if not hw.computes_in(dtype):
+        return  # fp8 has no peak on an A100
+    call = call_str("queries_to_reach_ridge", shown(cfg), hw.name, dtype)
+    got = impl.queries_to_reach_ridge(cfg, hw, dtype)
+    expect(isinstance(got, int) and not isinstance(got, bool) and got >= 1, call, got, "a number of tokens, an int >= 1")
+    ridge = hw.ridge_point(dtype)
+    at, flops, nbytes = measured_intensity(cfg, dtype, got, 2, 1)
+    expect(at >= ridge, call, got,
+           f"a count that reaches the ridge: with {got} queries over the same K and V, FlopCounterMode counts {flops:,} "
+           f"FLOPs over {nbytes:,} bytes of K and V = {at:.4g} FLOP/B, below {hw.name}'s ridge point in {dtype}, "
+           f"{ridge:.4g} FLOP/B")
+    if got > 1:
+        below, flops, nbytes = measured_intensity(cfg, dtype, got - 1, 2, 1)
+        expect(below < ridge, call, got,
+               f"the fewest: {got - 1} queries already give {flops:,} FLOPs over {nbytes:,} bytes = {below:.4g} FLOP/B, "
+               f"at least the ridge point {ridge:.4g}")
+
+
+@pytest.mark.kata("queries_to_reach_ridge")
+def test_queries_to_reach_ridge_of_llama_on_an_h100_and_an_a100():
+    cases = [("llama-2-70b", H100_SXM, torch.bfloat16, "64 query heads over 8 KV heads: 8 FLOP/B per query token in "
+              "bf16, against 989e12 / 3.35e12 = 295.2 FLOP/B: 37 tokens"),
+             ("llama-3-8b", H100_SXM, torch.bfloat16, "32 over 8: 4 FLOP/B per query token, 74 tokens"),
+             ("llama-2-7b", A100_80GB_SXM, torch.float16, "no GQA: 1 FLOP/B per query token in fp16 against "
+              "312e12 / 2.039e12 = 153.0 FLOP/B: 154 tokens")]
+    for name, hw, dtype, why in cases:
+        cfg = preset(name)
+        got = impl.queries_to_reach_ridge(cfg, hw, dtype)
+        want = next(s for s in range(1, 10_000) if measured_intensity(cfg.with_(head_dim=8), dtype, s, 1, 1)[0]
+                    >= hw.ridge_point(dtype))
+        expect_real(call_str("queries_to_reach_ridge", name, hw.name, dtype), got, want, rel=0, why=why)
+
+
+# --- merge_split_partials --------------------------------------------------------------------------
+
+def partials(q, k, v, bounds):
+    """Split i's (out, lse) over keys bounds[i]:bounds[i + 1], from the definition in float64."""
+    D = q.shape[-1]
+    outs, lses = [], []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi == lo:
+            outs.append(torch.zeros(q.shape[0], q.shape[1], D, dtype=torch.float64))
+            lses.append(torch.full(q.shape[:2], -math.inf, dtype=torch.float64))
+            continue
+        s = (q.double() @ k[:, :, lo:hi].double().transpose(-2, -1))[:, :, 0] / math.sqrt(D)  # (B, H, n)
+        lses.append(torch.logsumexp(s, dim=-1))
+        outs.append(torch.einsum("bhn,bhnd->bhd", torch.softmax(s, dim=-1), v[:, :, lo:hi].double()))
+    return torch.stack(outs), torch.stack(lses)
+
+
+@st.composite
+def split_bounds(draw, T):
+    """Ragged split bounds over T keys, some splits empty (a short sequence's trailing splits are)."""
+    n = draw(st.integers(1, 6), label="splits")
+    cuts = sorted(draw(st.lists(st.integers(0, T), min_size=n - 1, max_size=n - 1), label="cuts"))
+    return [0, *cuts, T]
+
+
+AXES = ("batch", "head", "dim")
+
+
+@pytest.mark.kata("merge_split_partials")
+@given(B=st.integers(1, 2), H=st.integers(1, 4), D=st.sampled_from([4, 8, 16]), T=st.integers(1, 40),
+       scale=st.sampled_from([1.0, 8.0]), data=st.data(), seed=st.integers(0, 99))
+@example(B=1, H=2, D=8, T=12, scale=1.0, data=None, seed=0)
+def test_merge_split_partials_equals_sdpa_over_every_key(B, H, D, T, scale, data, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = torch.randn(B, H, 1, D, generator=g) * scale, torch.randn(B, H, T, D, generator=g), torch.randn(B, H, T, D, generator=g)
+    bounds = data.draw(split_bounds(T)) if data is not None else [0, 5, 5, 12]
+    outs, lses = partials(q, k, v, bounds)
+    outs, lses = outs.float(), lses.float()
+    call = call_str("merge_split_partials", outs, lses)
+    out, lse = impl.merge_split_partials(outs, lses)
+    expect_tensor(call + " -> out", out, (B, H, D), torch.float32, layout="[B, H, D]")
+    expect_tensor(call + " -> lse", lse, (B, H), torch.float32, layout="[B, H]")
+    want = F.scaled_dot_product_attention(q, k, v)[:, :, 0]  # (B, H, D): all T keys at once
+    expect_close(call + " -> out", out, want, AXES, atol=1e-5, rtol=1e-4,
+                 why=f"PyTorch's scaled_dot_product_attention of the query over all {T} keys; the splits were keys "
+                     f"{[f'{lo}:{hi}' for lo, hi in zip(bounds[:-1], bounds[1:])]}")
+    all_scores = (q.double() @ k.double().transpose(-2, -1))[:, :, 0] / math.sqrt(D)
+    expect_close(call + " -> lse", lse, torch.logsumexp(all_scores, dim=-1).float(), ("batch", "head"), atol=1e-5,
+                 rtol=1e-5, why="the log-sum-exp of all T scaled scores, so that the result can be merged again")
+
+
+@pytest.mark.kata("merge_split_partials")
+def test_merge_split_partials_with_scores_in_the_thousands_and_empty_splits_in_fp16():
+    # Two real splits whose log-sum-exps are 1000 and 999 (exp overflows every float type), two empty ones.
+    o1, o2 = torch.tensor([1.0, 0.0, 2.0, -1.0]), torch.tensor([0.0, 1.0, -2.0, 3.0])
+    zero = torch.zeros(4)
+    outs = torch.stack([o1, zero, o2, zero]).view(4, 1, 1, 4).half()
+    lses = torch.tensor([1000.0, -math.inf, 999.0, -math.inf]).view(4, 1, 1)
+    call = call_str("merge_split_partials", outs, lses)
+    out, lse = impl.merge_split_partials(outs, lses)
+    w1 = 1 / (1 + math.exp(-1))  # exp(1000 - lse) with lse = 1000 + log(1 + e^-1)
+    want = (w1 * o1 + (1 - w1) * o2).view(1, 1, 4)
+    expect_tensor(call + " -> out", out, (1, 1, 4), torch.float16, layout="[B, H, D] in outs' dtype")
+    expect(bool(torch.isfinite(out.float()).all()), call, out,
+           "finite numbers: exp(1000) overflows, so weight each split by exp(lse_i - lse), never exp(lse_i)")
+    expect_close(call + " -> out", out.float(), want, AXES, atol=2e-3, rtol=2e-3,
+                 why="split weights e^1000 : e^999 = 0.731 : 0.269; the empty splits (lse -inf) weigh nothing")
+    expect_close(call + " -> lse", lse, torch.tensor([[1000 + math.log(1 + math.exp(-1))]]), ("batch", "head"),
+                 atol=1e-4, rtol=0, why="log(e^1000 + e^999) = 1000 + log(1 + 1/e) = 1000.3133")
+
+
+@pytest.mark.kata("merge_split_partials")
+@given(T=st.integers(3, 30), seed=st.integers(0, 99), data=st.data())
+def test_merge_split_partials_merged_twice_equals_merged_once(T, seed, data):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = torch.randn(1, 3, 1, 8, generator=g), torch.randn(1, 3, T, 8, generator=g), torch.randn(1, 3, T, 8, generator=g)
+    bounds = data.draw(split_bounds(T))
+    outs, lses = (x.float() for x in partials(q, k, v, bounds))
+    once, lse_once = impl.merge_split_partials(outs, lses)
+    cut = data.draw(st.integers(1, max(1, len(outs) - 1)), label="first group")
+    if cut >= len(outs) or not (torch.isfinite(lses[:cut]).any() and torch.isfinite(lses[cut:]).any()):
+        return  # each group needs a split with keys
+    a, la = impl.merge_split_partials(outs[:cut], lses[:cut])
+    b, lb = impl.merge_split_partials(outs[cut:], lses[cut:])
+    call = call_str("merge_split_partials", torch.stack([a, b]), torch.stack([la, lb]))
+    twice, lse_twice = impl.merge_split_partials(torch.stack([a, b]), torch.stack([la, lb]))
+    expect_close(call, twice, once, AXES, atol=1e-5, rtol=1e-5,
+                 why=f"splits 0..{cut - 1} merged, splits {cut}..{len(outs) - 1} merged, then the two merged: the same "
+                     "as merging all at once (the returned lse is what makes this work)")
+    expect_close(call + " -> lse", lse_twice, lse_once, ("batch", "head"), atol=1e-5, rtol=1e-6)

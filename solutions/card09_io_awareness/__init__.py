@@ -1,0 +1,1 @@
+"""Worked solutions for card09."""
