@@ -18,7 +18,7 @@ import kvkata
 from kvkata.check import call_str, expect, expect_close, expect_real, expect_tensor
 from kvref.attention import attention
 from kvref.config import ModelConfig, preset
-from kvref.hardware import A100_80GB_SXM, H100_SXM, HARDWARE
+from kvref.hardware import A100_80GB_SXM, H100_SXM, HARDWARE, Hardware
 from kvref.measure import flops_of
 from kvref.strategies import gqa_model_configs, hardware_presets, model_configs
 
@@ -86,6 +86,10 @@ def test_decode_attention_intensity_of_real_models_stays_far_below_every_ridge_a
                    f"FLOP/B): no head dim makes decode compute-bound")
 
 
+# A fictional device with little compute per byte: ridge point 2 FLOP/B in bf16.
+SLOW_COMPUTE = Hardware("slow-compute", {torch.bfloat16: 2e12}, 1e12, 10**10, "fictional, for tests")
+
+
 # --- queries_to_reach_ridge ------------------------------------------------------------------------
 
 @MEASURED
@@ -119,7 +123,9 @@ def test_queries_to_reach_ridge_of_llama_on_an_h100_and_an_a100():
               "bf16, against 989e12 / 3.35e12 = 295.2 FLOP/B: 37 tokens"),
              ("llama-3-8b", H100_SXM, torch.bfloat16, "32 over 8: 4 FLOP/B per query token, 74 tokens"),
              ("llama-2-7b", A100_80GB_SXM, torch.float16, "no GQA: 1 FLOP/B per query token in fp16 against "
-              "312e12 / 2.039e12 = 153.0 FLOP/B: 154 tokens")]
+              "312e12 / 2.039e12 = 153.0 FLOP/B: 154 tokens"),
+             ("llama-3-8b", SLOW_COMPUTE, torch.bfloat16, "a device whose ridge is 2 FLOP/B: one query token (4 FLOP/B) "
+              "is already past it")]
     for name, hw, dtype, why in cases:
         cfg = preset(name)
         got = impl.queries_to_reach_ridge(cfg, hw, dtype)
