@@ -1,6 +1,6 @@
 """Benchmark: next-byte loss of a trained model under KV eviction, every policy and both position schemes (card08).
 
-    python bench/eviction_quality.py [--seqs 8] [--budgets 16 32 64 128]
+    python bench/eviction_quality.py [--seqs 12] [--budgets 16 32 64 128]
 
 The model is kvref's small decoder trained on the Python stdlib by bench/train_tiny_decoder.py
 (weights in bench/weights/). Held-out stdlib text is cut into windows of 512 + 1 bytes; each window
@@ -168,7 +168,7 @@ def run_policy(model, ids: torch.Tensor, policy: str, budget: int, scheme: str) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seqs", type=int, default=8)
+    parser.add_argument("--seqs", type=int, default=12)
     parser.add_argument("--budgets", type=int, nargs="+", default=[16, 32, 64, 128])
     parser.add_argument("--long-budget", type=int, default=64, help="slots for the 1024-byte run (0: skip it)")
     parser.add_argument("--out", type=Path, default=RESULTS)
