@@ -164,6 +164,11 @@ def test_memory_energy_per_token_of_mistral_7b_stops_growing_past_its_window():
     bytes_ = measured_bytes(cfg, 4, 4095, torch.bfloat16)
     expect_real(call_str("memory_energy_per_token", shown(cfg), 4, 4095, torch.bfloat16, shown(PUBLISHED_ENERGY)), at,
                 bytes_ * 8 * 4e-12 / 4, why="the measured step whose tokens attend to exactly 4,096 positions")
+    for seq_len in (100, 4094):  # inside the window: the new token and every cached one
+        got = impl.memory_energy_per_token(cfg, 4, seq_len, torch.bfloat16, PUBLISHED_ENERGY)
+        want = measured_bytes(cfg, 4, seq_len, torch.bfloat16) * 8 * 4e-12 / 4
+        expect_real(call_str("memory_energy_per_token", shown(cfg), 4, seq_len, torch.bfloat16, shown(PUBLISHED_ENERGY)),
+                    got, want, why=f"the measured step whose tokens attend to {seq_len + 1} positions, inside the window")
     for seq_len in (4096, 20_000):
         got = impl.memory_energy_per_token(cfg, 4, seq_len, torch.bfloat16, PUBLISHED_ENERGY)
         expect_real(call_str("memory_energy_per_token", shown(cfg), 4, seq_len, torch.bfloat16, shown(PUBLISHED_ENERGY)),
@@ -217,6 +222,17 @@ def test_compute_energy_per_token_grows_with_the_context_and_only_with_pj_per_fm
         expect_real(call_str("compute_energy_per_token", shown(cfg), batch, seq_len, torch.bfloat16, shown(changed)),
                     impl.compute_energy_per_token(cfg, batch, seq_len, torch.bfloat16, changed), want,
                     why=f"{want:.6g} J with {field} x {factor}")
+
+
+@pytest.mark.kata("compute_energy_per_token")
+def test_compute_energy_per_token_of_mistral_7b_scores_the_positions_of_its_window():
+    cfg = preset("mistral-7b")
+    for seq_len, seen in ((100, 101), (4094, 4095), (4095, 4096), (20_000, 4096)):
+        got = impl.compute_energy_per_token(cfg, 2, seq_len, torch.bfloat16, PUBLISHED_ENERGY)
+        want = step_flops(cfg, 2, 1, seq_len) / 2 * 1.5e-12 / 2
+        expect_real(call_str("compute_energy_per_token", shown(cfg), 2, seq_len, torch.bfloat16, shown(PUBLISHED_ENERGY)),
+                    got, want, why=f"after {seq_len} cached tokens each new token scores {seen} positions (its 4,096-token "
+                                   "sliding window, itself included): kvref.roofline's FLOPs, which match FlopCounterMode")
 
 
 @pytest.mark.kata("compute_energy_per_token")
