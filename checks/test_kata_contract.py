@@ -33,10 +33,18 @@ def test_every_kata_test_fails_on_its_stub_as_a_todo(learner_run, card):
     assert not not_todo, f"these {card.id} tests did not fail as a TODO on the stubs: {not_todo}"
 
 
+def _gpu_only_skip(nodeid: str, row: dict) -> bool:
+    """A GPU-only test (its name says `on_a_cuda_device`) may skip in solutions mode where there is no CUDA
+    device; it still fails as a TODO on the stub, because it first runs the kata on the CPU."""
+    import torch
+
+    return row["outcome"] == "skipped" and "on_a_cuda_device" in nodeid and not torch.cuda.is_available()
+
+
 @pytest.mark.parametrize("card", CARDS, ids=CARD_IDS)
 def test_every_kata_test_passes_on_its_solution(interviewer_run, learner_run, card):
     tests = card_tests(interviewer_run, card)
-    failed = {n: r["outcome"] for n, r in tests.items() if r["outcome"] != "passed"}
+    failed = {n: r["outcome"] for n, r in tests.items() if r["outcome"] != "passed" and not _gpu_only_skip(n, r)}
     assert not failed, f"these {card.id} tests do not pass on the solutions: {failed}"
     assert set(tests) == set(card_tests(learner_run, card)), "both modes must run the same tests"
 

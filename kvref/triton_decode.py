@@ -1,6 +1,6 @@
 """
-Flash-decoding: one new token's attention over a long KV cache, in Triton
-=========================================================================
+Spoiler for card09 (the kernel and merge katas): flash-decoding, one token's attention over a long KV cache, in Triton
+======================================================================================================================
 
 In decode every sequence brings one new query token per head and attends to its whole cache.
 Per KV head that is ``4 · G · T · D`` FLOPs against ``2 · T · D · bytes`` of K and V read,
@@ -481,6 +481,24 @@ def _arrivals(n, device):
 def _scratch(shape, device):
     """fp32 scratch for the partial results; every element is written before the merge reads it."""
     return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log-sum-exp merge of split partials, in PyTorch: the kernel's ``_merge_splits`` in natural log.
+
+    outs ``[N, B, H, D]`` (each split normalised over its own keys), lses ``[N, B, H]`` natural
+    log-sum-exps (``-inf`` for a split with no keys). Returns (out ``[B, H, D]`` float32, lse
+    ``[B, H]`` float32). Every (b, h) needs at least one split with keys, else its row is NaN.
+    """
+    check_tensor("outs", outs, ndim=4, layout="[N, B, H, D]")
+    check_tensor("lses", lses, shape=tuple(outs.shape[:3]), layout="[N, B, H]")
+    lses = lses.float()
+    lse = torch.logsumexp(lses, dim=0)  # [B, H]; -inf only where every split is empty
+    weights = torch.exp(lses - lse)  # [N, B, H]; an empty split weighs exactly 0
+    # An empty split's output is not read at all (0 * NaN would be NaN); a split with keys is read as written.
+    outs = torch.where((lses > -math.inf).unsqueeze(-1), outs.float(), 0.0)
+    out = (weights.unsqueeze(-1) * outs).sum(dim=0)
+    return out, lse
 
 
 def _check_inputs(q, k_cache, v_cache, seq_lens, check_values=True):

@@ -1,0 +1,285 @@
+"""card09: the Triton kernel kata.
+
+Every test launches your kernel through kvref.decode_launch (grid (B, Hkv, num_splits)); on a
+machine without CUDA it runs under Triton's CPU interpreter. Correctness is checked against
+PyTorch's scaled_dot_product_attention (the merged output) and against the definition in float64
+(each split's partial). IO-awareness is measured, not assumed: under the interpreter every
+`tl.load` is counted, lane by lane, and attributed to K or V by address.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import kvkata
+from kvkata.check import Mismatch, call_str, expect, expect_close
+from kvref.decode_launch import count_loads, decode_with_kernel, launch_split_kernel, split_len_for
+
+impl = kvkata.load("card09_io_awareness.kernel")
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+# Each example interprets a few dozen programs: about 0.1 to 0.3 s on the CPU.
+INTERPRETED = settings(max_examples=min(settings().max_examples, 10))
+
+
+def problem(B, Hkv, G, D, T, seq_lens, dtype=torch.float32, seed=0, q_scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hkv * G, D, generator=g) * q_scale
+    k, v = torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    return (q.to(dtype).to(DEVICE), k.to(dtype).to(DEVICE), v.to(dtype).to(DEVICE),
+            torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE))
+
+
+def sdpa(q, k, v, seq_lens):
+    """PyTorch's attention of each sequence's one query over its first seq_lens[b] positions, float64."""
+    B, H, D = q.shape
+    T = k.shape[2]
+    mask = (torch.arange(T, device=q.device) < seq_lens.view(B, 1).long()).view(B, 1, 1, T)
+    return F.scaled_dot_product_attention(q.double().unsqueeze(2), k.double(), v.double(), attn_mask=mask,
+                                          enable_gqa=True)[:, :, 0]
+
+
+def definition_partials(q, k, v, seq_lens, num_splits, split_len):
+    """(part_out [B, H, N, D], part_lse [B, H, N]) from the kata's definition, in float64."""
+    B, H, D = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    out = torch.zeros(B, H, num_splits, D, dtype=torch.float64)
+    lse = torch.full((B, H, num_splits), -math.inf, dtype=torch.float64)
+    for b in range(B):
+        for s in range(num_splits):
+            lo, hi = s * split_len, min((s + 1) * split_len, int(seq_lens[b]))
+            if hi <= lo:
+                continue
+            kk = k[b, :, lo:hi].double().cpu().repeat_interleave(G, dim=0)  # (H, n, D)
+            vv = v[b, :, lo:hi].double().cpu().repeat_interleave(G, dim=0)
+            x = torch.einsum("hd,hnd->hn", q[b].double().cpu(), kk) / math.sqrt(D)
+            lse[b, :, s] = torch.logsumexp(x, dim=-1)
+            out[b, :, s] = torch.einsum("hn,hnd->hd", torch.softmax(x, dim=-1), vv)
+    return out, lse
+
+
+def shape_str(B, Hkv, G, D, T, seq_lens, num_splits, block_n, dtype):
+    return (f"q [{B}, {Hkv * G}, {D}], k/v [{B}, {Hkv}, {T}, {D}] {str(dtype).removeprefix('torch.')}, "
+            f"seq_lens={list(seq_lens)}, num_splits={num_splits}, BLOCK_N={block_n} (G={G})")
+
+
+def run(B, Hkv, G, D, T, seq_lens, num_splits, block_n=16, dtype=torch.float32, **kw):
+    q, k, v, sl = problem(B, Hkv, G, D, T, seq_lens, dtype, **kw)
+    out, part_out, part_lse = decode_with_kernel(impl.gqa_decode_kernel, q, k, v, sl, num_splits=num_splits,
+                                                 block_n=block_n)
+    return (q, k, v, sl), out, part_out, part_lse
+
+
+@st.composite
+def problems(draw, max_T=80):
+    B = draw(st.integers(1, 3), label="B")
+    Hkv = draw(st.integers(1, 3), label="Hkv")
+    G = draw(st.sampled_from([1, 2, 3, 4, 8]), label="G")
+    D = draw(st.sampled_from([16, 32, 64]), label="D")
+    T = draw(st.integers(1, max_T), label="T")
+    seq_lens = draw(st.lists(st.integers(1, T), min_size=B, max_size=B), label="seq_lens")
+    num_splits = draw(st.integers(1, 5), label="num_splits")
+    block_n = draw(st.sampled_from([16, 32]), label="block_n")
+    return B, Hkv, G, D, T, seq_lens, num_splits, block_n
+
+
+EXAMPLE = (2, 2, 4, 32, 70, [70, 9], 3, 16)  # the second sequence fills one tile of split 0; splits 1, 2 empty
+
+
+@INTERPRETED
+@pytest.mark.kata("gqa_decode_kernel")
+@given(p=problems())
+@example(p=EXAMPLE)
+@example(p=(1, 1, 1, 16, 1, [1], 1, 16))
+def test_gqa_decode_kernel_matches_sdpa_over_ragged_sequences_in_float32(p):
+    B, Hkv, G, D, T, seq_lens, num_splits, block_n = p
+    (q, k, v, sl), out, _, _ = run(*p)
+    want = sdpa(q, k, v, sl)
+    expect_close(call_str("gqa_decode_kernel", shape_str(*p, torch.float32)) + ", merged by kvref -> out",
+                 out, want, ("batch", "head", "dim"), atol=1e-5, rtol=1e-4,
+                 why="PyTorch's scaled_dot_product_attention (float64) of each query head over the first seq_lens[b] "
+                     "positions of KV head h // G")
+
+
+@INTERPRETED
+@pytest.mark.kata("gqa_decode_kernel")
+@given(p=problems())
+@example(p=EXAMPLE)
+def test_gqa_decode_kernel_writes_every_splits_normalised_output_and_natural_log_sum_exp(p):
+    B, Hkv, G, D, T, seq_lens, num_splits, block_n = p
+    (q, k, v, sl), _, part_out, part_lse = run(*p)
+    split_len = split_len_for(T, num_splits, block_n)
+    want_out, want_lse = definition_partials(q, k, v, sl, num_splits, split_len)
+    call = call_str("gqa_decode_kernel", shape_str(*p, torch.float32)) + f", split_len={split_len}"
+    never = torch.isnan(part_lse.cpu())
+    if never.any():
+        b, h, s = (int(i) for i in never.nonzero()[0])
+        raise Mismatch(f"called {call}: part_lse[{b}, {h}, {s}] was never written (still the launcher's NaN). "
+                       f"Every program writes all G of its query heads, and an empty split writes -inf and zeros")
+    got_lse, got_out = part_lse.double().cpu(), part_out.double().cpu()
+    finite = torch.isfinite(want_lse)
+    base2 = torch.allclose(got_lse[finite], want_lse[finite] / math.log(2), atol=1e-4, rtol=1e-4)
+    expect_close(call + " -> part_lse", got_lse.where(finite, 0.0), want_lse.where(finite, 0.0),
+                 ("batch", "head", "split"), atol=1e-4, rtol=1e-5,
+                 why="log(sum_t exp(x_t)) over the split's positions, natural log" +
+                     (" (yours is the base-2 log-sum-exp: divide by log2(e) = 1.4427, or multiply by ln 2)" if base2 else ""))
+    expect(bool((got_lse[~finite] == -math.inf).all()), call + " -> part_lse", got_lse,
+           f"-inf for every empty split ({int((~finite).sum())} of them: splits starting at or past seq_lens[b])")
+    expect_close(call + " -> part_out", got_out, want_out, ("batch", "head", "split", "dim"), atol=1e-5, rtol=1e-4,
+                 why="the split's softmax-normalised output, sum_t exp(x_t - lse) v_t; zeros for an empty split")
+
+
+@INTERPRETED
+@pytest.mark.kata("gqa_decode_kernel")
+@given(p=problems(max_T=64), seed=st.integers(0, 9))
+@example(p=EXAMPLE, seed=1)
+def test_gqa_decode_kernel_in_float16_accumulates_in_float32(p, seed):
+    (q, k, v, sl), out, part_out, part_lse = run(*p, dtype=torch.float16, seed=seed)
+    call = call_str("gqa_decode_kernel", shape_str(*p, torch.float16))
+    expect(out.dtype == torch.float16 and part_out.dtype == torch.float32, call, out.dtype,
+           "the launcher's dtypes: float32 partials, merged to q's dtype")
+    expect_close(call + ", merged by kvref -> out", out, sdpa(q, k, v, sl), ("batch", "head", "dim"),
+                 atol=2e-3, rtol=2e-3,
+                 why="attention over the float16 inputs computed in float64; the kernel may round only the "
+                     "probabilities fed to P·V to float16 (as FlashAttention does), everything it sums stays float32")
+
+
+@pytest.mark.kata("gqa_decode_kernel")
+def test_gqa_decode_kernel_keeps_a_running_maximum_when_later_tiles_score_hundreds_higher():
+    # One KV head, 4 query heads, 64 positions in 4 tiles of 16: tile j's scores are about 120 * j,
+    # so the last tile scores ~360 above the first. exp(89) overflows float32: a softmax without
+    # a maximum, or one that keeps the first tile's maximum, turns into inf and NaN.
+    B, Hkv, G, D, T = 1, 1, 4, 16, 64
+    g = torch.Generator().manual_seed(3)
+    q = torch.zeros(B, G, D)
+    q[0, :, 0] = torch.tensor([4.0, 3.6, 4.4, 3.2])  # four heads, slightly different scales
+    k = torch.randn(B, Hkv, T, D, generator=g)
+    tile = torch.arange(T).div(16, rounding_mode="floor").float()
+    k[0, 0, :, 0] = 120.0 * tile * math.sqrt(D) / 4.0 + torch.randn(T, generator=g)  # head 0 scores ~120 * tile
+    v = torch.randn(B, Hkv, T, D, generator=g)
+    q, k, v, sl = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), torch.tensor([T], dtype=torch.int32, device=DEVICE)
+    for num_splits in (1, 2):
+        out, _, part_lse = decode_with_kernel(impl.gqa_decode_kernel, q, k, v, sl, num_splits=num_splits, block_n=16)
+        call = call_str("gqa_decode_kernel", "scores rising by ~120 per tile of 16, to ~400 in the last",
+                        f"num_splits={num_splits}")
+        expect(bool(torch.isfinite(out).all()), call, out,
+               "finite outputs: subtract a running maximum, and rescale what was summed (exp(m_old - m_new)) "
+               "whenever a tile raises it")
+        expect_close(call + " -> out", out, sdpa(q, k, v, sl), ("batch", "head", "dim"), atol=1e-4, rtol=1e-4,
+                     why="PyTorch's scaled_dot_product_attention in float64")
+
+
+# --- IO-awareness: the bytes of K and V your kernel loads ----------------------------------------
+
+IO_CASES = [  # (B, Hkv, G, D, T, seq_lens, num_splits, block_n)
+    (2, 2, 4, 16, 128, [128, 61], 2, 16),
+    (1, 1, 8, 32, 96, [96], 1, 32),
+    (1, 2, 2, 16, 160, [150], 3, 16),
+]
+
+
+def count_kernel_loads(case):
+    """(K bytes, V bytes, valid bytes of each) loaded by the kernel under the interpreter, per case."""
+    B, Hkv, G, D, T, seq_lens, num_splits, block_n = case
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(B, Hkv * G, D, generator=g), torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    sl = torch.tensor(seq_lens, dtype=torch.int32)
+    with count_loads(k=k, v=v) as counted:
+        launch_split_kernel(impl.gqa_decode_kernel, q, k, v, sl, num_splits=num_splits, block_n=block_n)
+    return counted.bytes["k"], counted.bytes["v"]
+
+
+def count_in_an_interpreter_process(cases):
+    """On a CUDA machine triton was imported compiled; count under the interpreter in a child process."""
+    code = ("import json, os, sys; os.environ['TRITON_INTERPRET'] = '1'; os.environ['KVKATA_MODE'] = sys.argv[1]\n"
+            "sys.path.insert(0, sys.argv[2]); import importlib\n"
+            "t = importlib.import_module('katas.card09_io_awareness.test_card09_kernel')\n"
+            "print(json.dumps([t.count_kernel_loads(c) for c in json.loads(sys.argv[3])]))")
+    proc = subprocess.run([sys.executable, "-c", code, kvkata.mode(), str(kvkata.ROOT), json.dumps(cases)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    if proc.returncode != 0:
+        raise RuntimeError(f"counting under the interpreter in a child process failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.kata("gqa_decode_kernel")
+def test_gqa_decode_kernel_reads_k_and_v_once_for_all_g_query_heads():
+    if CUDA:
+        launch_split_kernel(impl.gqa_decode_kernel, *problem(1, 1, 1, 16, 16, [16]), num_splits=1)  # a stub raises here
+        counts = count_in_an_interpreter_process(IO_CASES)
+    else:
+        counts = [count_kernel_loads(case) for case in IO_CASES]
+    for case, (k_bytes, v_bytes) in zip(IO_CASES, counts):
+        B, Hkv, G, D, T, seq_lens, num_splits, block_n = case
+        itemsize = 4
+        valid = sum(seq_lens) * Hkv * D * itemsize  # each of K and V
+        tile_slack = B * Hkv * num_splits * block_n * D * itemsize  # one tile per program
+        call = call_str("gqa_decode_kernel", shape_str(*case, torch.float32))
+        for name, got in (("K", k_bytes), ("V", v_bytes)):
+            ratio = got / valid
+            hint = (f" That is {ratio:.2f}x the cache: with G = {G} query heads per KV head, a kernel that loads each "
+                    f"tile once per query head reads it G times. Load the tile once and score all G heads against it "
+                    f"([BLOCK_G, D] queries x [D, BLOCK_N] keys)." if ratio > 1.5 else "")
+            expect(got <= valid + tile_slack, call, f"{got:,} bytes of {name} loaded",
+                   f"at most the {valid:,} valid bytes of {name} (sum(seq_lens) x Hkv x D x 4 B) plus one BLOCK_N "
+                   f"tile per program ({tile_slack:,} B), counted lane by lane under Triton's interpreter." + hint)
+            expect(got >= valid, call, f"{got:,} bytes of {name} loaded",
+                   f"every valid position read: {valid:,} bytes of {name}")
+
+
+# --- on a GPU: the bandwidth ---------------------------------------------------------------------
+
+BANDWIDTH_FRACTION = 0.5  # of the device's copy bandwidth, measured in the same run
+
+
+@pytest.mark.kata("gqa_decode_kernel")
+def test_gqa_decode_kernel_on_a_cuda_device_streams_the_cache_at_half_the_copy_bandwidth():
+    # First a small problem on whatever runs here (the interpreter without CUDA): a stub raises.
+    p = (1, 2, 4, 32, 40, [40], 2, 16)
+    (q, k, v, sl), out, _, _ = run(*p)
+    expect_close(call_str("gqa_decode_kernel", shape_str(*p, torch.float32)) + " -> out", out, sdpa(q, k, v, sl),
+                 ("batch", "head", "dim"), atol=1e-5, rtol=1e-4, why="scaled_dot_product_attention")
+    if not CUDA:
+        pytest.skip("no CUDA device: the bandwidth of the compiled kernel is measured only on a GPU (the tests above "
+                    "check its values and count its bytes under the interpreter)")
+    # Llama-3-8B's attention shape at a long context: B = 1, 32 query heads over 8 KV heads, D = 128, 128k positions.
+    B, H, Hkv, D, T = 1, 32, 8, 128, 131072
+    q = torch.randn(B, H, D, device="cuda", dtype=torch.float16)
+    k = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.float16)
+    v = torch.randn_like(k)
+    sl = torch.full((B,), T, dtype=torch.int32, device="cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    num_splits = min(64, -(-2 * sms // (B * Hkv)))  # two programs per SM
+
+    def timed(fn, reps=20):
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return sorted(times)[reps // 2]
+
+    t_kernel = timed(lambda: launch_split_kernel(impl.gqa_decode_kernel, q, k, v, sl, num_splits=num_splits, block_n=64))
+    dst = torch.empty_like(k)
+    t_copy = timed(lambda: dst.copy_(k))
+    kernel_bw = (k.nbytes + v.nbytes) / t_kernel
+    copy_bw = 2 * k.nbytes / t_copy  # a copy reads and writes every byte
+    expect(kernel_bw >= BANDWIDTH_FRACTION * copy_bw, call_str("gqa_decode_kernel", "B=1, H=32, Hkv=8, D=128, T=131072 "
+           f"fp16 on {torch.cuda.get_device_name()}", f"num_splits={num_splits}", "BLOCK_N=64"),
+           f"{kernel_bw / 1e9:,.0f} GB/s of K and V ({t_kernel * 1e6:.0f} us)",
+           f"at least {BANDWIDTH_FRACTION:.0%} of the copy bandwidth measured now, {copy_bw / 1e9:,.0f} GB/s")
