@@ -359,6 +359,7 @@ SPOILERS = {
     "kvref/serving.py": "card05",
     "kvref/recurrent.py": "card10",
     "kvref/energy.py": "card11",
+    "kvref/triton_decode.py": "card09",
 }
 
 

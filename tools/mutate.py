@@ -1,6 +1,6 @@
 """Mutation testing of a card's solutions: how many single-site mutants do the card's tests kill?
 
-    python tools/mutate.py card00 [--timeout 120] [--list] [--fresh]
+    python tools/mutate.py card00 [--timeout 120] [--list] [--fresh] [--module NAME]
 
 Each mutant changes one site of a solution module (an operator swapped, a comparison
 loosened, a constant changed, n_kv_heads exchanged for n_heads, a slice bound moved); the
@@ -126,6 +126,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=int, default=120)
     parser.add_argument("--list", action="store_true", help="list the mutants without running them")
     parser.add_argument("--fresh", action="store_true", help="a new interpreter per mutant instead of a fork")
+    parser.add_argument("--module", help="mutate only this solution module of the card (e.g. kernel)")
     args = parser.parse_args()
     card = manifest.card(args.card)
     with tempfile.TemporaryDirectory() as tmp:
@@ -141,7 +142,7 @@ def main() -> int:
             if killed_in_fork(work, pytest_args, env, args.timeout):
                 print(f"{card.id}: the tests fail on the unmutated solutions (run pytest --solutions -k {card.id})")
                 return 1
-        for module in sorted({k.module for k in card.katas}):
+        for module in sorted({k.module for k in card.katas if args.module in (None, k.module)}):
             path = work / "solutions" / card.dir / f"{module}.py"
             original = path.read_text()
             for desc, text in mutants(original):
