@@ -192,4 +192,4 @@ def test_minilm_real_keys_favour_k_per_channel_and_v_per_token_as_recorded():
         assert mean["k_channel_output"] < mean["k_token_output"], (bits, mean)
         assert mean["v_token_output"] < mean["v_channel_output"], (bits, mean)
         for key, value in mean.items():
-            assert math.isclose(value, recorded[str(bits)]["mean"][key], rel_tol=1e-4), (bits, key)
+            assert math.isclose(value, recorded[str(bits)]["mean"][key], rel_tol=2e-3), (bits, key)  # BLAS and thread counts move the 4th digit (a fresh CI install: 4e-4)
