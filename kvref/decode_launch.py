@@ -162,9 +162,14 @@ def decode_with_kernel(
     return out.to(q.dtype), part_out, part_lse
 
 
+_NOT_STUBS: set = set()  # kernels already read: parsing the source on every launch would cost ~1 ms of host time
+
+
 def _run_if_stub(fn) -> None:
     """A kernel whose body is only a docstring and a raise is called as plain Python, so that its
     NotImplementedError comes from its own frame (compiled for a GPU, a raise is a compile error)."""
+    if fn in _NOT_STUBS:
+        return
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
     except (OSError, TypeError, SyntaxError):
@@ -174,6 +179,7 @@ def _run_if_stub(fn) -> None:
         body = body[1:]
     if len(body) == 1 and isinstance(body[0], ast.Raise):
         fn(*[None] * len(inspect.signature(fn).parameters))
+    _NOT_STUBS.add(fn)
 
 
 @contextlib.contextmanager
