@@ -313,6 +313,31 @@ def modeled_step(facts: KernelFacts, B, H, Hkv, T, D, elem, num_splits, model=MO
                 fraction=useful / (total * model["copy_gbps"] * 1e3), busy_programs=busy, waves=waves)
 
 
+def modeled_floor(B, H, Hkv, T, D, elem, model=MODEL, hw=H100) -> dict:
+    """The least time ``modeled_step``'s terms allow ANY single-launch decode kernel that reads
+    K/V once, whatever its tiles, splits or instructions: the bound a kernel's modeled fraction is
+    measured against.
+
+    Every such kernel pays one launch, one HBM round trip before its first K/V byte arrives, and
+    the K/V bytes at copy bandwidth. To reach that bandwidth, bw x round trip bytes must be in
+    flight (Little's law); one program per (sequence, KV head) can keep at most one SM's shared
+    memory in flight. If B x Hkv such programs cannot, the sequence must be split, and the
+    merge inside the same launch costs three L2 round trips in a row: the partials reach L2
+    before the release, the counter's atomic, the partials' load. One split pays one (the
+    output's stores drain), as in modeled_step. Left out, so the floor stays a lower bound: the
+    seq_lens wait, the partials' bytes, and all compute, the last tile's included.
+    """
+    bw = model["copy_gbps"] * model["read_vs_copy"] * 1e3  # bytes per us
+    L, l2 = model["hbm_latency_us"], model["l2_latency_us"]
+    kv_bytes = 2 * B * Hkv * T * D * elem
+    useful = kv_bytes + 2 * B * H * D * elem
+    one_split_rate = min(bw, B * Hkv * hw["smem_per_sm"] / L)
+    one_split = model["launch_us"] + L + kv_bytes / one_split_rate + l2
+    split = model["launch_us"] + L + kv_bytes / bw + 3 * l2
+    us = min(one_split, split)
+    return dict(us=us, fraction=useful / (us * model["copy_gbps"] * 1e3), splits_needed=split < one_split)
+
+
 def triton_next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
@@ -342,14 +367,14 @@ def study(shapes=SHAPES, dtype="bf16") -> list:
         model = modeled_step(facts, B, H, Hkv, T, D, elem, num_splits)
         rows.append(dict(B=B, H=H, Hkv=Hkv, T=T, D=D, dtype=dtype, num_splits=num_splits,
                          default_programs_per_sm=DEFAULT_PROGRAMS_PER_SM, first_call_programs_per_sm=default_pps,
-                         facts=asdict(facts), model=model))
+                         facts=asdict(facts), model=model, floor=modeled_floor(B, H, Hkv, T, D, elem)))
     return rows
 
 
 def format_table(rows) -> str:
     head = (f"{'B':>3} {'H':>3} {'Hkv':>3} {'T':>7} {'splits':>6} {'grid':>15} {'regs':>4} {'spill':>5} "
             f"{'smem':>6} {'prog/SM':>7} {'K/V copy':>8} {'bufs':>4} {'waits':>5} {'loop':>4} "
-            f"{'ahead':>5} {'step us':>7} {'of copy':>7}")
+            f"{'ahead':>5} {'step us':>7} {'of copy':>7} {'floor':>6}")
     lines = [head]
     for r in rows:
         f, m = r["facts"], r["model"]
@@ -358,7 +383,8 @@ def format_table(rows) -> str:
             f"{r['B']:>3} {r['H']:>3} {r['Hkv']:>3} {r['T']:>7} {r['num_splits']:>6} {str(f['grid']):>15} "
             f"{f['regs']:>4} {f['spill_bytes']:>5} {f['smem']:>6} {f['programs_per_sm']:>7} "
             f"{'/'.join(map(str, bits)) + 'b':>8} {f['kv_buffers']:>4} {f['loads_before_first_copy']:>5} "
-            f"{f['loop_sass']:>4} {f['tiles_in_flight_at_wait']:>5} {m['us']:>7.1f} {m['fraction']:>7.1%}"
+            f"{f['loop_sass']:>4} {f['tiles_in_flight_at_wait']:>5} {m['us']:>7.1f} {m['fraction']:>7.1%} "
+            f"{r['floor']['fraction']:>6.1%}"
         )
     return "\n".join(lines)
 
