@@ -69,6 +69,7 @@ def _plural(n: int, word: str) -> str:
 def render(state: RunState) -> list[str]:
     lines, not_run = [], []
     next_up = None
+    width = max(40, *(len(c.title) for c in manifest.cards()))  # every bar in one column
     for card, statuses in tally(state):
         run = [s for s in statuses if s.state != "not run"]
         solved = sum(s.state == "solved" for s in statuses)
@@ -76,13 +77,17 @@ def render(state: RunState) -> list[str]:
             not_run.append(card.id)
             continue
         if card.id in state.broken:
-            lines.append(f"  {card.id}  {card.title:<40} does not import: see above")
+            lines.append(f"  {card.id}  {card.title:<{width}} does not import: see above")
             if next_up is None:
                 next_up = ("broken", card)
             continue
         bar = "".join("#" if s.state == "solved" else "." for s in statuses)
-        lines.append(f"  {card.id}  {card.title:<40} [{bar}] {solved}/{_plural(len(statuses), 'kata')} solved")
+        lines.append(f"  {card.id}  {card.title:<{width}} [{bar}] {solved}/{_plural(len(statuses), 'kata')} solved")
         for s in statuses:
+            skipped = s.outcomes.count("skipped")
+            if s.state == "solved" and skipped:
+                lines.append(f"          {s.kata.name}: solved here; {_plural(skipped, 'test')} skipped (see the "
+                             f"skip reason: a GPU-only check with no CUDA device) and counted as passed")
             if s.state == "partial":
                 lines.append(f"          {s.kata.name}: {len(s.outcomes)} of {_plural(s.total, 'test')} ran and passed; "
                              f"solved once all of them pass in one run (pytest -k {s.kata.name})")

@@ -217,7 +217,8 @@ def _short_report(item, kata, excinfo, leaf: BaseException) -> str:
     lines = []
     if deepest is not None and KVREF in deepest.parents:
         last = excinfo.traceback[-1]
-        lines.append(f"kvref refused what it was given: {message}")
+        # kvref's guards that stop the learner's own code (a kernel's stray load or store) say so.
+        lines.append(f"{getattr(leaf, 'kvkata_header', 'kvref refused what it was given')}: {message}")
         lines.append(f"  (raised in {_rel(last.path)}:{last.lineno + 1} in {last.name})")
     else:
         lines.append(message)

@@ -182,6 +182,12 @@ def _run_if_stub(fn) -> None:
     _NOT_STUBS.add(fn)
 
 
+class KernelOutOfBounds(IndexError):
+    """A kernel's masked-in load or store lanes fell outside every tensor it was given."""
+
+    kvkata_header = "your kernel reached outside its tensors (kvref's guard stopped it before memory was touched)"
+
+
 @contextlib.contextmanager
 def _in_bounds(kernel_name: str, **tensors: torch.Tensor):
     """Under the interpreter, refuse a load or store whose masked-in lanes fall outside every given
@@ -203,7 +209,7 @@ def _in_bounds(kernel_name: str, **tensors: torch.Tensor):
             stray = int(addresses[~inside][0])
             near = min(ranges, key=lambda r: min(abs(stray - r[1]), abs(stray - r[2])))
             side = "before the start" if stray < near[1] else "after the end"
-            raise IndexError(
+            raise KernelOutOfBounds(
                 f"{kernel_name}: a tl.{what} of {addresses.size} lanes has {int((~inside).sum())} outside every tensor "
                 f"it was given (the first at {stray - near[2] if stray >= near[2] else near[1] - stray} B {side} "
                 f"of {near[0]}). Mask the lanes that are not real: padding query rows g >= G, positions at or past "

@@ -60,6 +60,8 @@ def gqa_decode_kernel(
     Load each [BLOCK_N, D] tile of K and V once and use it for all G query heads: hold the G
     queries as a [BLOCK_G, D] block (BLOCK_G is G padded to a power of two >= 16, the smallest
     tile tl.dot takes; mask rows g >= G on load and store). Scores can reach the hundreds:
-    keep a running maximum. Accumulate in float32 whatever the inputs' dtype.
+    keep a running maximum. Accumulate in float32 whatever the inputs' dtype. On float32 inputs
+    pass input_precision="ieee" to tl.dot: on a GPU its default is TF32 (a 10-bit mantissa,
+    errors near 1e-3, which the float32 tests' 1e-5 reject); the CPU interpreter is exact either way.
     """
     raise NotImplementedError("gqa_decode_kernel: load q as [BLOCK_G, D], loop over BLOCK_N tiles of K and V with an online softmax, store per head (about 35 lines)")

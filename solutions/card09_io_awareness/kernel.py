@@ -60,7 +60,9 @@ def gqa_decode_kernel(
     Load each [BLOCK_N, D] tile of K and V once and use it for all G query heads: hold the G
     queries as a [BLOCK_G, D] block (BLOCK_G is G padded to a power of two >= 16, the smallest
     tile tl.dot takes; mask rows g >= G on load and store). Scores can reach the hundreds:
-    keep a running maximum. Accumulate in float32 whatever the inputs' dtype.
+    keep a running maximum. Accumulate in float32 whatever the inputs' dtype. On float32 inputs
+    pass input_precision="ieee" to tl.dot: on a GPU its default is TF32 (a 10-bit mantissa,
+    errors near 1e-3, which the float32 tests' 1e-5 reject); the CPU interpreter is exact either way.
     """
     b = tl.program_id(0).to(tl.int64)  # int64 offsets: a long batch's cache passes 2**31 elements
     kv_head = tl.program_id(1).to(tl.int64)
