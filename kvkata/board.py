@@ -86,8 +86,8 @@ def render(state: RunState) -> list[str]:
         for s in statuses:
             skipped = s.outcomes.count("skipped")
             if s.state == "solved" and skipped:
-                lines.append(f"          {s.kata.name}: solved here; {_plural(skipped, 'test')} skipped (see the "
-                             f"skip reason: a GPU-only check with no CUDA device) and counted as passed")
+                lines.append(f"          {s.kata.name}: solved here; {_plural(skipped, 'test')} skipped and counted as "
+                             f"passed (a GPU-only check without a CUDA device; pytest -rs says why)")
             if s.state == "partial":
                 lines.append(f"          {s.kata.name}: {len(s.outcomes)} of {_plural(s.total, 'test')} ran and passed; "
                              f"solved once all of them pass in one run (pytest -k {s.kata.name})")
