@@ -233,6 +233,7 @@ class Recorder:
 @pytest.mark.kata("continuous_batching_step")
 @given(requests=REQUESTS, max_batch=st.integers(1, 4), slack=st.integers(0, 12))
 @example(requests=[([1, 2, 3], 3, 0), ([4, 5], 4, 0), ([6], 2, 0)], max_batch=3, slack=0)
+@example(requests=[([1, 2, 3], 4, 0), ([4, 5, 6, 7, 8], 4, 0), ([9], 1, 0)], max_batch=3, slack=0)  # the head waits; 9 fits but must not overtake it
 def test_continuous_batching_step_keeps_the_batch_and_the_cache_within_their_limits(requests, max_batch, slack):
     budget = max(len(p) + n - 1 for p, n, _ in requests) + slack
     seqs = [Sequence(i, list(p), n) for i, (p, n, _) in enumerate(requests)]
@@ -258,6 +259,12 @@ def test_continuous_batching_step_keeps_the_batch_and_the_cache_within_their_lim
                    f"running requests' {reserved}")
     expect(finished == len(seqs), "continuous_batching_step(...)", finished,
            f"all {len(seqs)} requests finished within 200 steps")
+    admitted = list(dict.fromkeys(rid for rids, _, _, _ in rec.steps for rid in rids))  # in order of first run
+    arrived = sorted(range(len(requests)), key=lambda i: (requests[i][2], i))
+    expect(admitted == arrived, f"continuous_batching_step(forward, running, waiting, max_batch={max_batch}, "
+           f"kv_budget_tokens={budget})", f"requests first ran in the order {admitted}",
+           f"the arrival order {arrived}, first come first served: when the head of `waiting` does not fit, stop "
+           f"admitting; a later, smaller request must not overtake it")
 
 
 @pytest.mark.kata("continuous_batching_step")

@@ -206,6 +206,37 @@ def test_rope_cached_decode_in_a_sliding_window_rotates_by_position_not_slot(H, 
     run_rope_decode(1, H, D, steps, start, window=window, theta=10000.0, convention=convention, seed=seed)
 
 
+def bf16_decode_problem(B, H, D, T, seed):
+    """bf16 q, k, v for T cached positions and a new one, every score near 50 (+ a spread of a few):
+    the last dimension, in RoPE's slowest-turning pair under either convention, adds 50 to q·k/sqrt(D).
+    bf16 rounds a score near 50 by up to 0.125, so scores or a softmax kept in bf16 move the output
+    by 2.6% or more of its largest element (measured, 30 seeds); fp32 scores stay within one bf16
+    rounding of the output, 0.36% (kvref/solutions)."""
+    q, k, v = rand(B, H, 1, D, seed=seed) * 2, rand(B, H, T + 1, D, seed=seed + 1), rand(B, H, T + 1, D, seed=seed + 2)
+    q[..., -1], k[..., -1] = 50.0, math.sqrt(D)
+    return q.bfloat16(), k.bfloat16(), v.bfloat16()
+
+
+@pytest.mark.kata("rope_cached_decode")
+@given(convention=CONVENTIONS, seed=st.integers(0, 50))
+def test_rope_cached_decode_of_bf16_input_takes_its_scores_and_softmax_in_fp32(convention, seed):
+    B, H, D, T, pos = 2, 4, 64, 48, 100
+    q, k, v = bf16_decode_problem(B, H, D, T, seed)
+    k_rot = kvref_rotate(k, torch.arange(pos - T, pos + 1), 10000.0, convention)  # bf16, rotated in fp32
+    call = call_str("rope_cached_decode", q, k[:, :, T:], v[:, :, T:], k_rot[:, :, :T], v[:, :, :T], pos,
+                    convention=convention)
+    out, k_cache, _ = rope.rope_cached_decode(q, k[:, :, T:], v[:, :, T:], k_rot[:, :, :T].clone(), v[:, :, :T].clone(),
+                                              pos, convention=convention)
+    expect(out.dtype == torch.bfloat16 and k_cache.dtype == torch.bfloat16, call, (out.dtype, k_cache.dtype),
+           "bf16 out and a bf16 cache: the inputs' dtype (compute in fp32, round once at the end)")
+    q_rot = kvref_rotate(q, torch.tensor([pos]), 10000.0, convention)
+    want = attention_ref(q_rot, k_rot, v)
+    expect_close(call, out, want, AXES, atol=2 ** -7 * float(want.abs().max()), rtol=0,
+                 why="attention computed in float64 from the bf16 inputs: every score is near 50, where bf16's "
+                     "spacing is 0.25, so q·kᵀ and the softmax must run in fp32 (q.float(), k_cache.float(), "
+                     "v_cache.float()) and only the output be rounded to bf16")
+
+
 # --- rope_rerotate --------------------------------------------------------------------------------
 
 @pytest.mark.kata("rope_rerotate")
@@ -371,3 +402,22 @@ def test_alibi_cached_decode_over_a_shifting_window_equals_attention_recomputed_
                          f"from absolute positions; the cache holds raw keys, and sliding the window changes none")
         if k_cache.shape[2] > window:
             k_cache, v_cache = k_cache[:, :, 1:], v_cache[:, :, 1:]
+
+
+@pytest.mark.kata("alibi_cached_decode")
+@given(seed=st.integers(0, 50))
+def test_alibi_cached_decode_of_bf16_input_takes_its_scores_and_softmax_in_fp32(seed):
+    B, H, D, T, pos = 2, 8, 64, 48, 100
+    q, k, v = bf16_decode_problem(B, H, D, T, seed)
+    slopes = alibi_slopes(H)
+    call = call_str("alibi_cached_decode", q, k[:, :, T:], v[:, :, T:], k[:, :, :T], v[:, :, :T], slopes)
+    out, k_cache, _ = alibi.alibi_cached_decode(q, k[:, :, T:], v[:, :, T:], k[:, :, :T].clone(), v[:, :, :T].clone(),
+                                                slopes)
+    expect(out.dtype == torch.bfloat16 and k_cache.dtype == torch.bfloat16, call, (out.dtype, k_cache.dtype),
+           "bf16 out and a bf16 cache: the inputs' dtype (compute in fp32, round once at the end)")
+    want = alibi_attention(q.double(), k.double(), v.double(), slopes.double(), torch.tensor([pos]),
+                           torch.arange(pos - T, pos + 1))
+    expect_close(call, out, want, AXES, atol=2 ** -7 * float(want.abs().max()), rtol=0,
+                 why="ALiBi attention computed in float64 from the bf16 inputs: every score is near 50, where "
+                     "bf16's spacing is 0.25, so the scores, the bias and the softmax must run in fp32 and only the "
+                     "output be rounded to bf16")

@@ -105,13 +105,18 @@ def test_ring_buffer_key_positions_are_the_positions_its_slots_hold(W, T):
 @pytest.mark.kata("RingBufferCache")
 def test_ring_buffer_never_holds_more_than_window_positions():
     W, T, H, Hkv, D = 4, 40, 2, 2, 8
-    q, k, v, k_rot, cache = run_ring(W, T, H, Hkv, D, seed=5)
+    q, k, v, k_rot, _ = run_ring(W, T, H, Hkv, D, seed=5)
+    cache = impl.RingBufferCache(W, 1, Hkv, D, torch.float16)  # the dtype argument is honoured, too
     for p in range(T):
-        cache.update(p, k_rot[:, :, p:p + 1], v[:, :, p:p + 1])
-    held = sum(x.numel() for x in vars(cache).values() if isinstance(x, torch.Tensor) and x.is_floating_point())
-    expect(held == 2 * Hkv * W * D, f"RingBufferCache({W}, 1, {Hkv}, {D}) after {T} updates", cache,
-           f"K and V tensors holding 2 · {Hkv} · {W} · {D} = {2 * Hkv * W * D} floats (window slots, "
-           f"allocated once), found {held}")
+        cache.update(p, k_rot[:, :, p:p + 1].half(), v[:, :, p:p + 1].half())
+    tensors = {n: x for n, x in vars(cache).items() if isinstance(x, torch.Tensor) and x.is_floating_point()}
+    held = sum(x.nbytes for x in tensors.values())
+    found = ", ".join(f"{n}: {str(x.dtype).removeprefix('torch.')} {list(x.shape)}" for n, x in tensors.items()) or "none"
+    expect(held == 2 * Hkv * W * D * 2, f"RingBufferCache({W}, 1, {Hkv}, {D}, torch.float16) after {T} updates",
+           f"{held} bytes in floating-point tensors ({found})",
+           f"K and V, float16 [1, {Hkv}, {W}, {D}] each: 2 · {Hkv} · {W} · {D} · 2 B = {2 * Hkv * W * D * 2} bytes, "
+           "allocated once in the dtype given. Any other floating-point tensor the cache keeps counts too: keep "
+           "positions as Python ints or an integer tensor")
 
 
 # --- sink_window_decode --------------------------------------------------------------------------
@@ -255,6 +260,18 @@ def test_heavy_hitter_keep_worked_example_with_a_wrapped_table():
     expect_equal(call, impl.heavy_hitter_keep(acc, slot_pos, 4, 2), [0, 1, 2, 4],
                  "keep slots 0 and 2 (positions 9, 8: the recent window, though they collected little attention) "
                  "and slots 1 and 4 (accumulated 3.0 and 2.0); slot 3 (0.5) goes, slot 5 is empty")
+
+
+@pytest.mark.kata("heavy_hitter_keep")
+def test_heavy_hitter_keep_breaks_a_tie_towards_the_later_position():
+    # Slots 0, 1 and 2 tie at 1.0 and hold positions 3, 7 and 5; slot 4 (position 9) is the recent one.
+    # Two places are left for three tied slots: the later positions, 7 and 5 (slots 1 and 2), win.
+    # An earlier-position tie-break keeps slot 0, a slot-index tie-break keeps slots 0 and 1.
+    slot_pos, acc = [3, 7, 5, 6, 9], [1.0, 1.0, 1.0, 0.2, 0.1]
+    call = call_str("heavy_hitter_keep", acc, slot_pos, 3, 1)
+    expect_equal(call, impl.heavy_hitter_keep(acc, slot_pos, 3, 1), [1, 2, 4],
+                 "slot 4 (position 9, the recent window) and, of slots 0, 1, 2 tied at 1.0, the two holding the later "
+                 "positions: slot 1 (position 7) and slot 2 (position 5); slot 0 (position 3) goes")
 
 
 # --- negative_distance_keys ----------------------------------------------------------------------

@@ -83,8 +83,9 @@ def reshard_plan(n_kv_heads: int, tp_from: int, tp_to: int) -> list[tuple[int, i
     the K and V of exactly the KV heads its rank caches on tp_to (kv_heads_of_rank). A head a GPU
     already holds stays put; every other head it needs arrives in one move, from a GPU that held
     it on tp_from. When several GPUs hold a head (replicated), spread that head's moves over them
-    so that their counts of moves differ by at most 1 (each destination in increasing order, from
-    the holder that has sent the fewest so far, the lower GPU on a tie). Any order of the list.
+    so that their counts of moves differ by at most 1 (one way: each destination in increasing
+    order, from the holder that has sent the fewest so far; any balanced choice is as good, and
+    the tests accept any). Any order of the list.
     8 KV heads from tp = 2 to tp = 4: which GPU sends what to whom, and how many heads move?
     1 KV head from tp = 2 to tp = 4? 8 KV heads from tp = 4 to tp = 1?
     """
