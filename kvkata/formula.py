@@ -28,8 +28,8 @@ class FormulaOnly(Exception):
 
 def _refusal(kata, what: str) -> str:
     return (f"{kata.card} {kata.name} asks for a closed form, computed from its arguments with plain Python "
-            f"arithmetic; it {what}. Derive the number instead of measuring it "
-            f"(cfg's fields, dtype.itemsize and hw's fields are all you need).")
+            f"arithmetic (math is fine; no torch operation, no call into kvref's instruments); it {what}. "
+            f"Derive the number from the arguments instead of measuring it.")
 
 
 class _NoTorch(TorchFunctionMode):

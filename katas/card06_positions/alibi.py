@@ -21,7 +21,8 @@ import torch
 
 
 def alibi_slopes(n_heads: int) -> list[float]:
-    """The ALiBi slope of each of `n_heads` heads, head 0 first, as Python floats.
+    """The ALiBi slope of each of `n_heads` heads, head 0 first, as Python floats (a closed form:
+    plain Python and `math`, no torch; the test refuses a torch operation).
 
     Check: 8 heads give 0.5, 0.25, ..., 1/256. What do 12 heads (not a power of two) give?
     """
