@@ -70,12 +70,22 @@ def test_rope_rotate_equals_the_rotation_of_llama_and_gptj_code(data, D, S, star
     x, pos = rand(2, 3, S, D, seed=start), torch.arange(start, start + S)
     got = rope.rope_rotate(x, pos, theta, convention, r)
     want = kvref_rotate(x, pos, theta, convention, r)
+    atol = fp32_rope_atol(x, start + S)
+    cause = ""
+    if isinstance(got, torch.Tensor) and got.shape == want.shape and not torch.allclose(got, want, atol=atol, rtol=1e-5):
+        for other, words in ((kvref_rotate(x, -pos, theta, convention, r), "it turns the wrong way (sin's sign "
+                              "flipped): a pair (a, b) becomes (a·cos - b·sin, b·cos + a·sin)"),
+                             (kvref_rotate(x, pos, theta, OTHER[convention], r), f"it is the {OTHER[convention]} "
+                              f"convention's rotation")):
+            if torch.allclose(got, other, atol=atol, rtol=1e-5):
+                cause = f". Yours matches another rotation: {words}"
+                break
     expect_close(call_str("rope_rotate", x, pos, theta, convention, r), got, want, AXES,
-                 atol=fp32_rope_atol(x, start + S), rtol=1e-5,
+                 atol=atol, rtol=1e-5,
                  why=f"the {convention} rotation at positions {start}..{start + S - 1}, base {theta:g}, "
                      f"{'all' if r is None else r} of {D} dimensions rotated (kvref.rope, bit-exact with "
                      f"{'Llama/GPT-NeoX' if convention == 'half' else 'GPT-J'} in transformers); the other convention "
-                     f"pairs {'2i with 2i+1' if convention == 'half' else 'i with i + r/2'}")
+                     f"pairs {'2i with 2i+1' if convention == 'half' else 'i with i + r/2'}" + cause)
 
 
 @pytest.mark.kata("rope_rotate")
