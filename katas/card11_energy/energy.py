@@ -29,6 +29,8 @@ D head dim, d = d_model, V vocab, W = cfg.sliding_window (0: none).
 
 from __future__ import annotations
 
+import math  # noqa: F401 (for your answers)
+
 import torch
 
 from kvref.config import ModelConfig

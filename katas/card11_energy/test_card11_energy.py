@@ -371,10 +371,12 @@ def prefix_dollars(cfg, hw, prefix_len, dtype, price, gb_price, lifetime):
 @MEASURED
 @pytest.mark.kata("keep_prefix_cache")
 @given(cfg=st.one_of(small_configs(), st.sampled_from([preset("llama-3-8b"), preset("mistral-7b")])),
-       hw=DEVICES, prefix_len=st.integers(1, 64), lifetime=st.floats(1, 86400), gb_price=st.floats(1e-3, 1.0),
+       hw=st.one_of(DEVICES, st.builds(lambda hw, n: hw.tensor_parallel(n), DEVICES, st.integers(2, 8))),
+       prefix_len=st.integers(1, 64), lifetime=st.floats(1, 86400), gb_price=st.floats(1e-3, 1.0),
        price=st.floats(0.5, 10))
 @example(cfg=GQA, hw=H100_SXM, prefix_len=16, lifetime=3600.0, gb_price=0.0234, price=2.0)  # memory-bound
 @example(cfg=GQA, hw=STARVED, prefix_len=40, lifetime=600.0, gb_price=0.5, price=2.0)  # compute-bound
+@example(cfg=GQA, hw=H100_SXM.tensor_parallel(4), prefix_len=16, lifetime=3600.0, gb_price=0.0234, price=2.0)  # 4 devices billed
 def test_keep_prefix_cache_flips_where_reuses_times_measured_recompute_cost_meet_storage_cost(cfg, hw, prefix_len,
                                                                                              lifetime, gb_price, price):
     recompute, storage = prefix_dollars(cfg, hw, prefix_len, torch.bfloat16, price, gb_price, lifetime)

@@ -56,6 +56,9 @@ def hits_in_kvref(first: list[int], second: list[int], block_size: int) -> int:
 @example(a=[5, 6, 7], b=[5, 6, 7], block_size=2)
 @example(a=[1, 2, 3], b=[1, 2, 0], block_size=2)  # the block agrees, the token after it does not
 @example(a=[1, 2, 3, 4, 5, 6], b=[1, 2, 3, 4, 5, 0], block_size=2)  # only the last token of block 2 differs
+@example(a=[1, 2, 3, 4], b=[2, 1, 3, 4], block_size=2)  # the same tokens in another order: a sum of ids collides
+@example(a=[1, 12, 5, 5], b=[11, 2, 5, 5], block_size=2)  # ids joined without a separator collide: "112"
+@example(a=[128000, 5, 7, 7], b=[0, 5, 7, 7], block_size=2)  # real vocabularies pass 255: bytes(ids) fails, ids % 256 collide
 def test_prefix_block_keys_match_exactly_where_the_whole_prefix_matches(a, b, block_size):
     ka, kb = impl.prefix_block_keys(a, block_size), impl.prefix_block_keys(b, block_size)
     for toks, keys in ((a, ka), (b, kb)):

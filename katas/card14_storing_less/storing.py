@@ -20,6 +20,7 @@ C latent dim, L layers, d = d_model. An element's size in bytes is `dtype.itemsi
 
 from __future__ import annotations
 
+import math  # noqa: F401 (for your answers)
 from collections.abc import Set
 
 import torch
