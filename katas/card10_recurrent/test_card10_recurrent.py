@@ -148,14 +148,26 @@ def test_selective_scan_survives_resets_and_decays_that_underflow():
                  ssm_recurrence(a, u), axes=("batch", "t", "channel"), atol=1e-10, rtol=1e-9, layout="[B, T, N]")
 
 
+ESCAPES = {"numpy", "tolist", "item", "__iter__", "__array__"}  # ways out of torch into Python or NumPy
+
+
 class CountOps(TorchFunctionMode):
+    """Counts torch operations, the elements they produce, and any way out of torch."""
+
     def __init__(self):
         super().__init__()
-        self.n = 0
+        self.n, self.elements, self.escapes = 0, 0, set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         self.n += 1
-        return func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", str(func))
+        if name in ESCAPES:
+            self.escapes.add(name)
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.elements += t.numel()
+        return out
 
 
 @pytest.mark.kata("selective_scan")
@@ -167,6 +179,14 @@ def test_selective_scan_runs_a_number_of_torch_operations_that_grows_like_log_t(
         with CountOps() as mode:
             impl.selective_scan(a, u)
         counts[T] = mode.n
+        call = call_str("selective_scan", Shown(f"a [1, {T}, 2]"), Shown(f"u [1, {T}, 2]"))
+        expect(not mode.escapes, call, Shown(f"a scan that left torch (Tensor.{', Tensor.'.join(sorted(mode.escapes))})"),
+               "whole-tensor torch operations only: a loop over t in NumPy or Python is still the step form, T "
+               "dependent steps")
+        budget = 64 * T * 2 * max(1, math.ceil(math.log2(T)))  # elements: a constant x B·T·N per round, log2 T rounds
+        expect(mode.elements <= budget, call, Shown(f"{mode.elements:,} elements produced by its torch operations"),
+               f"at most {budget:,} (64 x B·T·N x log2 T): each round of the scan touches every position a fixed "
+               "number of times; a T x T matrix of products is quadratic work, not a scan")
     expect(counts[1024] <= 5 * max(counts[8], 1), call_str("selective_scan", Shown("a [1, 1024, 2]"), Shown("u [1, 1024, 2]")),
            Shown(f"after {counts[1024]:,} torch operations ({counts[8]:,} at T = 8)"),
            "at most 5 x the operations at T = 8: 128 times the positions is 7 more rounds of a log-depth scan "
