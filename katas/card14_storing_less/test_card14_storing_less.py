@@ -16,6 +16,7 @@ import math
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -127,6 +128,21 @@ def test_deepseek_v2_and_v3_cache_69_120_and_70_272_bytes_a_token_in_bf16():
 
 # --- mla_absorbed_scores ---------------------------------------------------------------------
 
+class LargestTensor(TorchFunctionMode):
+    """The largest tensor any torch operation returns while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest, self.shape = 0, None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.numel() > self.largest:
+                self.largest, self.shape = t.numel(), list(t.shape)
+        return out
+
+
 # fp32: the absorbed and the naive scores sum the same D·C products in different orders; with
 # unit-scale inputs, D <= 16 and C <= 24 they differed by at most 9.5e-7 over 2,000 random draws.
 ATOL, RTOL = 1e-4, 1e-4
@@ -161,11 +177,17 @@ AXES = ("batch", "head", "query", "position")
 @example(inputs=SQUARE)
 def test_mla_absorbed_scores_equal_the_scores_of_keys_expanded_from_the_latent(inputs):
     got = impl.mla_absorbed_scores(*inputs)
+    q_nope, q_rope, latent, k_rope, w_uk = inputs
+    cause = ""
+    if isinstance(got, torch.Tensor) and w_uk.shape[-1] == w_uk.shape[-2]:
+        transposed = mla_scores_naive(q_nope, q_rope, latent, k_rope, w_uk.transpose(-2, -1))
+        if got.shape == transposed.shape and torch.allclose(got, transposed, atol=ATOL, rtol=RTOL):
+            cause = (". Yours equals the scores with w_uk[h] transposed: with C = D the shapes fit either way, "
+                     "only the numbers tell")
     expect_close(call_str("mla_absorbed_scores", *inputs), got, mla_scores_naive(*inputs), axes=AXES,
                  atol=ATOL, rtol=RTOL, layout="[B, H, S, T]",
                  why="the naive MLA scores: k_h = [w_uk[h] @ c ; k_r] expanded for every head and position, "
-                     "(q_nope·k_nope + q_rope·k_r) / sqrt(D + Dr). With C = D, w_uk[h] without its transpose "
-                     "has the right shape and the wrong numbers")
+                     "(q_nope·k_nope + q_rope·k_r) / sqrt(D + Dr)" + cause)
 
 
 @pytest.mark.kata("mla_absorbed_scores")
@@ -202,6 +224,17 @@ def test_mla_absorbed_scores_of_one_new_token_cost_no_more_flops_than_the_absorb
            f"at most the {absorbed:,} FLOPs (FlopCounterMode) of the absorbed form: w_uk moved onto the {H} "
            f"queries (2·H·D·C) then scores against the {T} latents and RoPE keys (2·H·T·(C + Dr)); "
            f"expanding every key first costs {naive:,}")
+    # FlopCounterMode counts matmuls only: keys expanded by broadcasting (w_uk[None, :, None] * latent[..., None])
+    # cost no counted FLOPs. The tensors tell: no intermediate may be as large as the expanded keys [B, H, T, D].
+    with LargestTensor() as seen:
+        impl.mla_absorbed_scores(*inputs)
+    B, _, S, D = inputs[0].shape
+    expanded = B * H * T * D
+    bound = max(max(x.numel() for x in inputs), B * H * S * T)  # an input, or the scores themselves
+    expect(seen.largest <= bound, call_str("mla_absorbed_scores", *inputs),
+           Shown(f"a tensor of {seen.largest:,} elements {seen.shape} on the way"),
+           f"no tensor larger than the inputs or the [B, H, S, T] scores ({bound:,} elements): the expanded keys "
+           f"[B, H, T, D] alone hold {expanded:,}, whether built by a matmul or by broadcasting")
 
 
 # --- low_rank_key_error ----------------------------------------------------------------------
