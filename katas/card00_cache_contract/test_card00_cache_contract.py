@@ -11,6 +11,8 @@ The explicit examples reach the edges that a handful of random draws may miss: G
 decode of 32 steps.
 """
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -287,12 +289,35 @@ def test_int8_weights_do_not_shrink_the_kv_cache(cfg, p):
 
 # --- the static cache -------------------------------------------------------------------
 
+@contextlib.contextmanager
+def garbage_in_fresh_memory():
+    """torch.empty and friends return NaN-filled floats while active: uninitialised memory, made visible."""
+    def poisoned(make):
+        def wrapper(*args, **kwargs):
+            t = make(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+        return wrapper
+
+    saved = {name: getattr(torch, name) for name in ("empty", "empty_like", "empty_strided")}
+    saved_new = torch.Tensor.new_empty
+    try:
+        for name, make in saved.items():
+            setattr(torch, name, poisoned(make))
+        torch.Tensor.new_empty = poisoned(saved_new)
+        yield
+    finally:
+        for name, make in saved.items():
+            setattr(torch, name, make)
+        torch.Tensor.new_empty = saved_new
+
+
 @pytest.mark.kata("StaticKVCache")
 @given(s=attention_shapes(), extra=st.integers(0, 3), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
 def test_static_cache_writes_by_position_into_one_allocation(s, extra, dtype):
     B, Hkv, T, D = s["B"], s["Hkv"], s["T"], s["D"]
     max_len = T + 1 + extra
-    cache = impl.StaticKVCache(B, Hkv, max_len, D, dtype)
+    with garbage_in_fresh_memory():  # so `torch.empty` for "zeros" fails every time, not when memory happens to be 0
+        cache = impl.StaticKVCache(B, Hkv, max_len, D, dtype)
     call = call_str("StaticKVCache", B, Hkv, max_len, D, dtype)
     expect_tensor(call + ".k", cache.k, (B, Hkv, max_len, D), dtype, "[B, Hkv, max_seq_len, D]")
     expect_tensor(call + ".v", cache.v, (B, Hkv, max_len, D), dtype, "[B, Hkv, max_seq_len, D]")
@@ -309,7 +334,8 @@ def test_static_cache_writes_by_position_into_one_allocation(s, extra, dtype):
         expect_equal(ucall + "; then seq_len", cache.seq_len, end)
     expect_equal("StaticKVCache.k.data_ptr() after updates", cache.k.data_ptr(), ptr,
                  "the same storage: a static cache never reallocates")
-    expect_tensor_equal("StaticKVCache.k beyond the written positions", cache.k[:, :, T + 1:],
+    expect_tensor_equal(f"StaticKVCache.k[:, :, {T + 1}:], the positions never written (position 0 below is {T + 1}), "
+                        "zeros since the constructor", cache.k[:, :, T + 1:],
                         torch.zeros(B, Hkv, extra, D, dtype=dtype), BHTD)
 
 
