@@ -55,8 +55,9 @@ def test_static_slot_waste_is_the_share_of_a_reserved_cache_never_written(data, 
     got = impl.static_slot_waste(max_seq_len, lengths)
     measured = static_waste_measured(max_seq_len, lengths)
     expect_real(call_str("static_slot_waste", max_seq_len, lengths), got, measured, rel=1e-9, abs=1e-12,
-                why=f"the share of slots still NaN in a cache of {plural(len(lengths), 'request')} x {max_seq_len:,} "
-                    f"slots after each request wrote its {sum(lengths):,} tokens in total")
+                why=f"the share of reserved slots never written, measured: kvref reserves {plural(len(lengths), 'request')} "
+                    f"x {max_seq_len:,} slots (filled with NaN), each request writes its own tokens "
+                    f"({sum(lengths):,} in all), and the slots still NaN are counted")
 
 
 def extremal_trace(n: int, n_short: int, short_max: int, max_seq_len: int) -> list[int]:

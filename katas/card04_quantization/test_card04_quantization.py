@@ -159,9 +159,11 @@ def test_kv_tokens_in_budget_is_the_longest_cache_whose_nbytes_fit(draw, budget,
     expect(isinstance(got, int) and not isinstance(got, bool) and got >= 0, call, got, "a Python int >= 0")
     fits = got == 0 or measured_bytes(cfg, 1, got, bits, group_size, asymmetric, scale_dtype) <= budget
     more = measured_bytes(cfg, 1, got + 1, bits, group_size, asymmetric, scale_dtype)
+    yours = (f"your {got:,} tokens take {measured_bytes(cfg, 1, got, bits, group_size, asymmetric, scale_dtype):,} B, "
+             f"over the budget" if not fits else f"{got + 1:,} tokens would take {more:,} B, still within it")
     expect(fits and more > budget, call, got,
            f"{budget // one:,} tokens: a cache of T tokens measures T x {one:,} B (.nbytes of kvref's quantized cache, "
-           f"every layer); {got + 1:,} tokens would take {more:,} B")
+           f"every layer), and the budget is {budget:,} B; {yours}")
 
 
 @pytest.mark.kata("kv_tokens_in_budget")
