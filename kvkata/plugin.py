@@ -269,7 +269,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         item.config.stash[_hung_key][(kata.card, kata.name)] = item.name
         at = f" while running {code[-1].frame.code.raw.co_qualname} ({_rel(code[-1].path)}:{code[-1].lineno + 1})" if code else ""
         report.longrepr = (f"TIMEOUT {kata.card} {kata.name}: stopped after {_timeout_of(item)} s{at}. "
-                           "Look for a loop that never ends or a shape that grows every step. "
+                           "Look for a loop that never ends, a shape that grows every step, or a loop far longer "
+                           "than the answer needs (each test of the worked solution takes a few seconds at most). "
                            "The kata's other tests are not run in this session.")
     elif any(isinstance(e, FormulaOnly) for e in leaves):
         refusal = next(e for e in leaves if isinstance(e, FormulaOnly))
