@@ -163,16 +163,31 @@ def test_memory_energy_per_token_of_mistral_7b_stops_growing_past_its_window():
     at = impl.memory_energy_per_token(cfg, 4, 4095, torch.bfloat16, PUBLISHED_ENERGY)
     bytes_ = measured_bytes(cfg, 4, 4095, torch.bfloat16)
     expect_real(call_str("memory_energy_per_token", shown(cfg), 4, 4095, torch.bfloat16, shown(PUBLISHED_ENERGY)), at,
-                bytes_ * 8 * 4e-12 / 4, why="the measured step whose tokens attend to exactly 4,096 positions")
+                bytes_ * 8 * 4e-12 / 4, why="the measured step whose tokens attend to exactly 4,096 positions"
+                + ratio_hint(at, bytes_ * 8 * 4e-12 / 4))
     for seq_len in (100, 4094):  # inside the window: the new token and every cached one
         got = impl.memory_energy_per_token(cfg, 4, seq_len, torch.bfloat16, PUBLISHED_ENERGY)
         want = measured_bytes(cfg, 4, seq_len, torch.bfloat16) * 8 * 4e-12 / 4
         expect_real(call_str("memory_energy_per_token", shown(cfg), 4, seq_len, torch.bfloat16, shown(PUBLISHED_ENERGY)),
-                    got, want, why=f"the measured step whose tokens attend to {seq_len + 1} positions, inside the window")
+                    got, want, why=f"the measured step whose tokens attend to {seq_len + 1} positions, inside the window"
+                    + ratio_hint(got, want))
     for seq_len in (4096, 20_000):
         got = impl.memory_energy_per_token(cfg, 4, seq_len, torch.bfloat16, PUBLISHED_ENERGY)
         expect_real(call_str("memory_energy_per_token", shown(cfg), 4, seq_len, torch.bfloat16, shown(PUBLISHED_ENERGY)),
                     got, at, why=f"{at:.6g} J, as at 4,095: past its 4,096-token sliding window a token reads 4,096 positions")
+
+
+def ratio_hint(got, want) -> str:
+    """A note when a wrong answer is off by a telling factor (2: FLOPs against multiply-adds; 8: bits against bytes)."""
+    if not isinstance(got, (int, float)) or isinstance(got, bool) or not want or not got:
+        return ""
+    r = got / want
+    for factor, words in ((2, "a FLOP counted as a multiply-add, or a multiply-add as one FLOP"),
+                          (8, "bits and bytes exchanged"), (4, "bf16 bytes per element mixed up with fp32's, or 2 x 2")):
+        for f, side in ((factor, f"{factor}x"), (1 / factor, f"1/{factor}")):
+            if abs(r / f - 1) < 1e-3:
+                return f" (yours is {side} the answer: {words}?)"
+    return ""
 
 
 # --- compute energy --------------------------------------------------------------------------
@@ -188,7 +203,7 @@ def test_compute_energy_per_token_is_the_measured_flops_as_multiply_adds_at_pj_e
     want = flops / 2 * costs.pj_per_fma * 1e-12 / batch
     expect_real(call_str("compute_energy_per_token", shown(cfg), batch, seq_len, dtype, shown(costs)), got, want,
                 why=f"{want:.6g} J: {flops:,} FLOPs (FlopCounterMode on the step) are {flops // 2:,} multiply-adds "
-                    f"x {costs.pj_per_fma:g} pJ, over the {batch} tokens the step generates")
+                    f"x {costs.pj_per_fma:g} pJ, over the {batch} tokens the step generates" + ratio_hint(got, want))
 
 
 @pytest.mark.kata("compute_energy_per_token")
@@ -200,7 +215,7 @@ def test_compute_energy_per_token_of_llama_2_70b_with_both_constant_sets():
         expect_real(call_str("compute_energy_per_token", shown(cfg), 1, 4095, torch.bfloat16, shown(costs)), got,
                     flops / 2 * costs.pj_per_fma * 1e-12,
                     why=f"about {joules} J: {flops / 1e9:.4g} GFLOPs (kvref.roofline, which matches FlopCounterMode) are {flops / 2e9:.4g} G multiply-adds "
-                        f"at {costs.pj_per_fma:g} pJ each; counting a FLOP as a multiply-add doubles it")
+                        f"at {costs.pj_per_fma:g} pJ each" + ratio_hint(got, flops / 2 * costs.pj_per_fma * 1e-12))
     for batch, dtype in ((64, torch.bfloat16), (1, torch.float32)):
         got = impl.compute_energy_per_token(cfg, batch, 4095, dtype, PUBLISHED_ENERGY)
         expect_real(call_str("compute_energy_per_token", shown(cfg), batch, 4095, dtype, shown(PUBLISHED_ENERGY)), got,
@@ -232,7 +247,8 @@ def test_compute_energy_per_token_of_mistral_7b_scores_the_positions_of_its_wind
         want = step_flops(cfg, 2, 1, seq_len) / 2 * 1.5e-12 / 2
         expect_real(call_str("compute_energy_per_token", shown(cfg), 2, seq_len, torch.bfloat16, shown(PUBLISHED_ENERGY)),
                     got, want, why=f"after {seq_len} cached tokens each new token scores {seen} positions (its 4,096-token "
-                                   "sliding window, itself included): kvref.roofline's FLOPs, which match FlopCounterMode")
+                                   "sliding window, itself included): kvref.roofline's FLOPs, which match FlopCounterMode"
+                                   + ratio_hint(got, want))
 
 
 @pytest.mark.kata("compute_energy_per_token")
