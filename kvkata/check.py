@@ -32,7 +32,8 @@ def describe(x: object) -> str:
         inner = ", ".join(describe(v) for v in x)
         return f"[{inner}]" if isinstance(x, list) else f"({inner})"
     if isinstance(x, float):
-        return f"{x:.6g}"
+        text = f"{x:.6g}"
+        return text + ".0" if text.lstrip("-").isdigit() else text  # 4.0 reads as a float, not the int 4
     if hasattr(x, "__dict__") and not isinstance(x, type):
         return type(x).__name__
     return repr(x)

@@ -104,7 +104,8 @@ def test_linear_attention_step_keeps_a_state_whose_bytes_do_not_grow_with_the_to
     S0_before, z0_before = S0.clone(), z0.clone()
     _, states = run_steps(q, k, v)
     impl.linear_attention_step(S0, z0, q[:, :, 0], k[:, :, 0], v[:, :, 0])
-    expect(torch.equal(S0, S0_before) and torch.equal(z0, z0_before), "linear_attention_step(S, z, ...)", S0,
+    expect(torch.equal(S0, S0_before) and torch.equal(z0, z0_before), "linear_attention_step(S, z, ...)",
+           Shown("its result, but it also changed the S and z passed in (in place: S += ..., or S.add_)"),
            "S and z passed in left as they were (return new ones): a caller may still hold the old state")
     first = states[0][0].nbytes + states[0][1].nbytes
     for t, (S, z) in enumerate(states):
