@@ -94,10 +94,14 @@ def test_max_batch_from_memory_fills_memory_with_real_caches_of_a_small_model():
     free = 5 * per_seq + per_seq // 2
     got = impl.max_batch_from_memory(GQA, free, 12, torch.float32)
     caches = model.new_caches("static", 5, 12)
+    d_model_guess = free // (2 * 2 * GQA.d_model * 4 * 12)  # K and V of every query head's width
+    cause = {d_model_guess: f" (yours counts d_model = {GQA.d_model} per position and layer; the cache holds "
+                            f"{GQA.n_kv_heads} KV heads of {GQA.head_dim})",
+             6: " (round down: a sixth sequence's cache does not fit)"}.get(got, "") if got != 5 else ""
     expect_equal(call_str("max_batch_from_memory", shown(GQA), free, 12, torch.float32), got, 5,
                  f"kvref allocated static caches for 5 sequences of 12 positions in {cache_nbytes(caches):,} bytes "
                  f"({per_seq:,} a sequence: 2 layers x K and V x 2 KV heads x 8 dims x 4 bytes x 12 positions); "
-                 f"a sixth does not fit in {free:,} (d_model is 32 but the cache holds 2 KV heads of 8)")
+                 f"a sixth does not fit in {free:,}" + cause)
 
 
 # --- twice the layers ------------------------------------------------------------------------------
