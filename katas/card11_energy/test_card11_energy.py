@@ -164,26 +164,29 @@ def test_memory_energy_per_token_of_mistral_7b_stops_growing_past_its_window():
     bytes_ = measured_bytes(cfg, 4, 4095, torch.bfloat16)
     expect_real(call_str("memory_energy_per_token", shown(cfg), 4, 4095, torch.bfloat16, shown(PUBLISHED_ENERGY)), at,
                 bytes_ * 8 * 4e-12 / 4, why="the measured step whose tokens attend to exactly 4,096 positions"
-                + ratio_hint(at, bytes_ * 8 * 4e-12 / 4))
+                + ratio_hint(at, bytes_ * 8 * 4e-12 / 4, BYTES_2X))
     for seq_len in (100, 4094):  # inside the window: the new token and every cached one
         got = impl.memory_energy_per_token(cfg, 4, seq_len, torch.bfloat16, PUBLISHED_ENERGY)
         want = measured_bytes(cfg, 4, seq_len, torch.bfloat16) * 8 * 4e-12 / 4
         expect_real(call_str("memory_energy_per_token", shown(cfg), 4, seq_len, torch.bfloat16, shown(PUBLISHED_ENERGY)),
                     got, want, why=f"the measured step whose tokens attend to {seq_len + 1} positions, inside the window"
-                    + ratio_hint(got, want))
+                    + ratio_hint(got, want, BYTES_2X))
     for seq_len in (4096, 20_000):
         got = impl.memory_energy_per_token(cfg, 4, seq_len, torch.bfloat16, PUBLISHED_ENERGY)
         expect_real(call_str("memory_energy_per_token", shown(cfg), 4, seq_len, torch.bfloat16, shown(PUBLISHED_ENERGY)),
                     got, at, why=f"{at:.6g} J, as at 4,095: past its 4,096-token sliding window a token reads 4,096 positions")
 
 
-def ratio_hint(got, want) -> str:
-    """A note when a wrong answer is off by a telling factor (2: FLOPs against multiply-adds; 8: bits against bytes)."""
+MULTIPLY_ADD = "a FLOP counted as a multiply-add, or a multiply-add as one FLOP"
+BYTES_2X = "K without V (or both twice), or another dtype's bytes per element"
+
+
+def ratio_hint(got, want, two: str = MULTIPLY_ADD) -> str:
+    """A note when a wrong answer is off by a telling factor: 2 (`two` says the likely cause), 8 (bits and bytes)."""
     if not isinstance(got, (int, float)) or isinstance(got, bool) or not want or not got:
         return ""
     r = got / want
-    for factor, words in ((2, "a FLOP counted as a multiply-add, or a multiply-add as one FLOP"),
-                          (8, "bits and bytes exchanged"), (4, "bf16 bytes per element mixed up with fp32's, or 2 x 2")):
+    for factor, words in ((2, two), (8, "bits and bytes exchanged")):
         for f, side in ((factor, f"{factor}x"), (1 / factor, f"1/{factor}")):
             if abs(r / f - 1) < 1e-3:
                 return f" (yours is {side} the answer: {words}?)"
