@@ -138,6 +138,16 @@ def test_deepseek_preset_builds_a_model_with_the_published_parameter_count(name)
         assert sum(p.numel() for p in MLATransformer(dense).parameters()) < 0.5 * cfg.n_params
 
 
+def test_deepseek_v3_preset_has_the_mixture_of_experts_of_transformers_deepseek_v3_config():
+    """An independent source: transformers' DeepseekV3Config defaults are DeepSeek-V3's released config."""
+    transformers = pytest.importorskip("transformers", reason="the cross-check needs Hugging Face transformers")
+    hc, cfg = transformers.DeepseekV3Config(), preset("deepseek-v3")
+    assert (hc.n_routed_experts, hc.n_shared_experts, hc.num_experts_per_tok, hc.moe_intermediate_size,
+            hc.first_k_dense_replace, hc.intermediate_size, hc.q_lora_rank, hc.vocab_size) == (
+        cfg.n_experts, cfg.n_shared_experts, cfg.experts_per_token, cfg.d_ff, cfg.first_dense_layers, cfg.dense_d_ff,
+        cfg.mla_q_rank, cfg.vocab_size)
+
+
 def test_preset_rejects_an_unknown_name_listing_every_preset():
     with pytest.raises(ValueError, match="unknown preset 'nope'; known presets: ") as info:
         preset("nope")
