@@ -1,8 +1,10 @@
 """Model configuration: one frozen dataclass, and the published shapes of real models.
 
 Every KV-cache quantity in the katas is a function of a handful of numbers: layers,
-KV heads, head dim, and the bytes of one element. The presets carry those numbers as the
-model cards and papers publish them, so that a kata can ask about a real system.
+KV heads, head dim, and the bytes of one element. The presets carry those numbers as the released
+configurations (config.json, params.json) give them, with the papers for what the configurations
+leave implicit, so that a kata can ask about a real system. The sources are in the comment above
+the presets.
 """
 
 from __future__ import annotations
