@@ -103,6 +103,51 @@ def test_preset_builds_a_model_with_the_published_parameter_count(name):
     assert sum(p.numel() for p in model.parameters()) == cfg.n_params
 
 
+# name: (routed experts, shared, per token, expert width, first dense layers, their width, q_lora_rank),
+# from the DeepSeek-V2 (§3.1.2) and DeepSeek-V3 (§4.2) reports and their released config.json files.
+DEEPSEEK_MOE = {
+    "deepseek-v2": (160, 2, 6, 1536, 1, 12288, 1536),
+    "deepseek-v3": (256, 1, 8, 2048, 3, 18432, 1536),
+}
+# The reports round the totals to 236B and 671B; kvref leaves out V3's 14,848 router score biases
+# and its multi-token-prediction module (685B with it). 0.2% covers the rounding, not a missing expert
+# (one of V2's 160 experts in its 59 MoE layers is 0.59%; the shared experts alone 1.2%).
+DEEPSEEK_COUNT_REL = 2e-3
+
+
+@pytest.mark.parametrize("name", DEEPSEEK_MOE)
+def test_deepseek_preset_has_the_published_mixture_of_experts(name):
+    cfg = preset(name)
+    assert (cfg.n_experts, cfg.n_shared_experts, cfg.experts_per_token, cfg.d_ff, cfg.first_dense_layers,
+            cfg.dense_d_ff, cfg.mla_q_rank) == DEEPSEEK_MOE[name]
+
+
+@pytest.mark.parametrize("name", DEEPSEEK_MOE)
+def test_deepseek_preset_builds_a_model_with_the_published_parameter_count(name):
+    from kvref.compress import MLATransformer
+
+    cfg = preset(name)
+    with torch.device("meta"):
+        model = MLATransformer(cfg)
+    built = sum(p.numel() for p in model.parameters())
+    assert built == pytest.approx(cfg.n_params, rel=DEEPSEEK_COUNT_REL), f"built {built:,} against {cfg.n_params:,}"
+    # The experts are most of it: without them (one dense MLP a layer) the same shapes build 33.8e9 / 55.6e9.
+    dense = cfg.with_(n_experts=0, experts_per_token=0, n_shared_experts=0, first_dense_layers=0, dense_d_ff=None,
+                      d_ff=cfg.dense_d_ff)
+    with torch.device("meta"):
+        assert sum(p.numel() for p in MLATransformer(dense).parameters()) < 0.5 * cfg.n_params
+
+
+def test_deepseek_v3_preset_has_the_mixture_of_experts_of_transformers_deepseek_v3_config():
+    """An independent source: transformers' DeepseekV3Config defaults are DeepSeek-V3's released config."""
+    transformers = pytest.importorskip("transformers", reason="the cross-check needs Hugging Face transformers")
+    hc, cfg = transformers.DeepseekV3Config(), preset("deepseek-v3")
+    assert (hc.n_routed_experts, hc.n_shared_experts, hc.num_experts_per_tok, hc.moe_intermediate_size,
+            hc.first_k_dense_replace, hc.intermediate_size, hc.q_lora_rank, hc.vocab_size) == (
+        cfg.n_experts, cfg.n_shared_experts, cfg.experts_per_token, cfg.d_ff, cfg.first_dense_layers, cfg.dense_d_ff,
+        cfg.mla_q_rank, cfg.vocab_size)
+
+
 def test_preset_rejects_an_unknown_name_listing_every_preset():
     with pytest.raises(ValueError, match="unknown preset 'nope'; known presets: ") as info:
         preset("nope")
@@ -193,7 +238,13 @@ def test_config_rejects_a_size_below_one_with_value_error(name, value):
 @pytest.mark.parametrize("changes,match", [(dict(n_experts=4), "experts_per_token"),
                                            (dict(n_experts=2, experts_per_token=3), "experts_per_token"),
                                            (dict(sliding_window=-1), "sliding_window"), (dict(mlp="relu"), "mlp"),
-                                           (dict(tie_embeddings=1), "tie_embeddings")])
+                                           (dict(tie_embeddings=1), "tie_embeddings"),
+                                           (dict(n_experts=4, experts_per_token=2, n_shared_experts=1), "MLA"),
+                                           (dict(mla_latent_dim=8, mla_rope_dim=4, first_dense_layers=1),
+                                            "need routed experts"),
+                                           (dict(mla_latent_dim=8, mla_rope_dim=4, n_experts=4, experts_per_token=2,
+                                                 first_dense_layers=3), "at most n_layers"),
+                                           (dict(mla_latent_dim=8, mla_rope_dim=4, dense_d_ff=0), "dense_d_ff")])
 def test_config_rejects_inconsistent_experts_windows_and_mlps(changes, match):
     with pytest.raises((TypeError, ValueError), match=match):
         ModelConfig(**SMALL | changes)

@@ -46,7 +46,7 @@ from kvref.attention import attention, causal_mask
 from kvref.cache import GrowingKVCache
 from kvref.config import ModelConfig
 from kvref.measure import flops_of, meta_model
-from kvref.model import MLP, RMSNorm, Transformer
+from kvref.model import MLP, MoE, RMSNorm, Transformer
 from kvref.rope import apply_rope, rope_cos_sin
 from kvref.validate import check_tensor
 
@@ -158,14 +158,23 @@ def _check_mla_config(cfg: ModelConfig) -> None:
 
 
 class MLAttention(nn.Module):
-    """DeepSeek-V2/V3 attention without query compression; `absorbed` picks how scores and output are computed."""
+    """DeepSeek-V2/V3 attention; `absorbed` picks how scores and output are computed.
+
+    Queries go through one q_proj, or, with `cfg.mla_q_rank` (DeepSeek's q_lora_rank), through a
+    low-rank bottleneck q_a_proj -> q_a_layernorm -> q_b_proj, as the released models do.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         _check_mla_config(cfg)
         self.cfg = cfg
         H, D, C, Dr = cfg.n_heads, cfg.head_dim, cfg.mla_latent_dim, cfg.mla_rope_dim
-        self.q_proj = nn.Linear(cfg.d_model, H * (D + Dr), bias=False)
+        if cfg.mla_q_rank:
+            self.q_a_proj = nn.Linear(cfg.d_model, cfg.mla_q_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.mla_q_rank, cfg.norm_eps)
+            self.q_b_proj = nn.Linear(cfg.mla_q_rank, H * (D + Dr), bias=False)
+        else:
+            self.q_proj = nn.Linear(cfg.d_model, H * (D + Dr), bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(cfg.d_model, C + Dr, bias=False)  # latent and RoPE key, together
         self.kv_a_layernorm = RMSNorm(C, cfg.norm_eps)
         self.kv_b_proj = nn.Linear(C, H * (D + D), bias=False)  # per head: W_uk (D rows), then W_uv (D rows)
@@ -184,7 +193,8 @@ class MLAttention(nn.Module):
         """
         B, S, _ = x.shape
         H, D, C, Dr = self.cfg.n_heads, self.cfg.head_dim, self.cfg.mla_latent_dim, self.cfg.mla_rope_dim
-        q = self.q_proj(x).view(B, S, H, D + Dr).transpose(1, 2)  # (B, H, S, D + Dr)
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.cfg.mla_q_rank else self.q_proj(x)
+        q = q.view(B, S, H, D + Dr).transpose(1, 2)  # (B, H, S, D + Dr)
         q_nope, q_rope = q.split([D, Dr], dim=-1)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([C, Dr], dim=-1)  # (B, S, C), (B, S, Dr)
         latent = self.kv_a_layernorm(latent)
@@ -210,12 +220,14 @@ class MLAttention(nn.Module):
 
 
 class MLABlock(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, dense: bool = True) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.self_attn = MLAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        # DeepSeekMoE: routed and shared experts (sizing only), or one dense MLP of dense_d_ff.
+        self.mlp = MLP(cfg.with_(d_ff=cfg.dense_d_ff or cfg.d_ff, n_experts=0, experts_per_token=0, n_shared_experts=0,
+                                 first_dense_layers=0)) if dense else MoE(cfg)
 
     def forward(self, x, input_pos, cache=None, absorbed=False):
         x = x + self.self_attn(self.input_layernorm(x), input_pos, cache, absorbed)
@@ -223,16 +235,21 @@ class MLABlock(nn.Module):
 
 
 class MLATransformer(nn.Module):
-    """A decoder with MLA in every layer and dense MLPs. `forward(ids, input_pos, caches, absorbed)` -> logits."""
+    """A decoder with MLA in every layer. `forward(ids, input_pos, caches, absorbed)` -> logits.
+
+    With experts (DeepSeekMoE) the layers from `cfg.first_dense_layers` on hold routed and shared
+    experts, built for sizing on the meta device (their forward refuses, as kvref.model.MoE's does).
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         _check_mla_config(cfg)
-        if cfg.is_moe or cfg.sliding_window or cfg.tie_embeddings:
-            raise ValueError("kvref's MLA model has dense MLPs, no sliding window and untied embeddings")
+        if cfg.sliding_window or cfg.tie_embeddings:
+            raise ValueError("kvref's MLA model has no sliding window and untied embeddings")
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(MLABlock(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(MLABlock(cfg, dense=not cfg.is_moe or i < cfg.first_dense_layers)
+                                    for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 

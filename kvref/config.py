@@ -1,8 +1,10 @@
 """Model configuration: one frozen dataclass, and the published shapes of real models.
 
 Every KV-cache quantity in the katas is a function of a handful of numbers: layers,
-KV heads, head dim, and the bytes of one element. The presets carry those numbers as the
-model cards and papers publish them, so that a kata can ask about a real system.
+KV heads, head dim, and the bytes of one element. The presets carry those numbers as the released
+configurations (config.json, params.json) give them, with the papers for what the configurations
+leave implicit, so that a kata can ask about a real system. The sources are in the comment above
+the presets.
 """
 
 from __future__ import annotations
@@ -27,10 +29,16 @@ class ModelConfig:
     # instead of per-head K and V. Zero means the model uses ordinary (GQA/MHA) attention.
     mla_latent_dim: int = 0
     mla_rope_dim: int = 0
-    # Mixture of experts (Mixtral): each layer holds n_experts MLPs and a router that sends each
-    # token to experts_per_token of them. Zero means one dense MLP per layer.
+    mla_q_rank: int = 0            # DeepSeek's q_lora_rank: queries through a d -> rank -> heads bottleneck (0: one q_proj)
+    # Mixture of experts (Mixtral, DeepSeek): each layer holds n_experts routed MLPs of width d_ff and a
+    # router that sends each token to experts_per_token of them. Zero means one dense MLP per layer.
     n_experts: int = 0
     experts_per_token: int = 0
+    # DeepSeekMoE (built with MLA only, by kvref.compress): shared experts every token goes through,
+    # beside the routed ones, and a first few layers that keep one dense MLP of width dense_d_ff.
+    n_shared_experts: int = 0
+    first_dense_layers: int = 0
+    dense_d_ff: int | None = None  # None: d_ff
     sliding_window: int = 0        # W: a token attends to the last W positions only (0: no window)
     tie_embeddings: bool = False   # lm_head shares the embedding matrix (GPT-2/3)
     n_params: int | None = field(default=None, compare=False)  # published total, where known
@@ -63,13 +71,25 @@ class ModelConfig:
             raise ValueError(f"head_dim must be even for RoPE's rotation pairs, got {head_dim}")
         if self.mla_latent_dim < 0 or self.mla_rope_dim < 0:
             raise ValueError("mla_latent_dim and mla_rope_dim must be >= 0")
-        for name in ("n_experts", "experts_per_token", "sliding_window"):
+        for name in ("n_experts", "experts_per_token", "sliding_window", "mla_q_rank", "n_shared_experts",
+                     "first_dense_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"ModelConfig.{name} must be an int >= 0, got {value!r}")
         if (self.n_experts == 0) != (self.experts_per_token == 0) or self.experts_per_token > self.n_experts:
             raise ValueError(f"experts_per_token ({self.experts_per_token}) must be between 1 and n_experts "
                              f"({self.n_experts}), or both 0 for a dense MLP")
+        if self.dense_d_ff is not None and (not isinstance(self.dense_d_ff, int) or isinstance(self.dense_d_ff, bool)
+                                            or self.dense_d_ff < 1):
+            raise ValueError(f"ModelConfig.dense_d_ff must be an int >= 1 or None, got {self.dense_d_ff!r}")
+        deepseek = {n: getattr(self, n) for n in ("mla_q_rank", "n_shared_experts", "first_dense_layers", "dense_d_ff")
+                    if getattr(self, n)}
+        if deepseek and not self.mla_latent_dim:
+            raise ValueError(f"{', '.join(deepseek)} are DeepSeek's: kvref builds them with MLA only (mla_latent_dim > 0)")
+        if (self.n_shared_experts or self.first_dense_layers) and not self.n_experts:
+            raise ValueError("n_shared_experts and first_dense_layers need routed experts (n_experts > 0)")
+        if self.first_dense_layers > self.n_layers:
+            raise ValueError(f"first_dense_layers ({self.first_dense_layers}) must be at most n_layers ({self.n_layers})")
         if not isinstance(self.tie_embeddings, bool):
             raise TypeError(f"ModelConfig.tie_embeddings must be a bool, got {type(self.tie_embeddings).__name__}")
 
@@ -115,16 +135,34 @@ def _swiglu_hidden(d_model: int) -> int:
     return 8 * ((hidden + 7) // 8)
 
 
-# Published shapes. Sources: Llama 2 paper (Touvron et al. 2023, table 1) and the released
-# config.json files; Llama 3 and Llama 3.1 model cards (3.1: 128k context; kvref models no RoPE
-# scaling); Mistral 7B paper (Jiang et al. 2023: sliding window W = 4096, rolling buffer cache);
-# Mixtral of Experts (Jiang et al. 2024: 8 experts, top-2, 46.7B total, 12.9B active, 32k
-# context, no sliding window); GPT-3 paper (Brown et al. 2020, table 2.1: 96 layers, d 12288,
-# 96 heads of 128, context 2048; the GPT-2 architecture: a two-matrix GELU MLP of 4·d, tied
-# input/output embeddings); DeepSeek-V2 (2024, kv_lora_rank 512, qk_rope_head_dim 64) and
-# DeepSeek-V3 (2024) technical reports. Llama-2-7B is MHA: some copies of its config wrongly list
-# 8 KV heads. kvref builds every model Llama-style (RoPE, RMSNorm, no biases): for GPT-3 that
-# drops its learned positions and biases (40.5M parameters), 174.57e9 against 174.60e9.
+# Published shapes, from each model's released configuration (Hugging Face config.json, Meta's
+# params.json), which is where layers, heads, KV heads and widths are given:
+# - Llama 2: meta-llama/Llama-2-{7b,70b}-hf config.json (70B: num_hidden_layers 80, hidden_size 8192,
+#   num_attention_heads 64, num_key_value_heads 8, intermediate_size 28672; 7B: 32 layers, 32 heads,
+#   32 KV heads). Touvron et al. 2023 (Llama 2) §A.2.1 gives the 70B's grouped-query attention with
+#   8 KV heads; its Table 1 lists only context length (4,096) and whether a size uses GQA.
+#   Llama-2-7B is MHA: some copies of its config wrongly list 8 KV heads.
+# - Llama 3 / 3.1: meta-llama/Meta-Llama-3-{8B,70B} and Llama-3.1-70B config.json (the model cards
+#   give sizes, context and GQA, not shapes; 3.1: 128k context; kvref models no RoPE scaling).
+# - mistral-7b is Mistral-7B-v0.1: its config.json (sliding_window 4096, max_position_embeddings
+#   32768, rope_theta 1e4). The paper (Jiang et al. 2023, Table 1) gives window_size 4096 and
+#   context_len 8192: 32,768 is v0.1's max_position_embeddings, not a trained context. v0.2 and
+#   v0.3 have no sliding window (sliding_window null) and rope_theta 1e6.
+# - Mixtral of Experts (Jiang et al. 2024: 8 experts, top-2, 46.7B total, 12.9B active, 32k context,
+#   no sliding window) and mistralai/Mixtral-8x7B-v0.1 config.json.
+# - GPT-3 (Brown et al. 2020, Table 2.1: 96 layers, d 12288, 96 heads of 128, context 2048; the GPT-2
+#   architecture: a two-matrix GELU MLP of 4·d, tied input/output embeddings).
+# - DeepSeek-V2 (arXiv 2405.04434, §3.1.2) and DeepSeek-V3 (arXiv 2412.19437, §4.2) hyper-parameters,
+#   and deepseek-ai/DeepSeek-V2 and DeepSeek-V3 config.json: MLA (kv_lora_rank 512, qk_rope_head_dim
+#   64, qk_nope_head_dim = v_head_dim = 128, q_lora_rank 1536) and DeepSeekMoE. V2: 60 layers, d 5120,
+#   160 routed experts + 2 shared, top-6, expert width (moe_intermediate_size) 1,536, the first layer
+#   dense (first_k_dense_replace 1, intermediate_size 12,288); 236B total, 21B active. V3: 61 layers,
+#   d 7168, 256 routed + 1 shared, top-8, width 2,048, the first 3 layers dense (18,432); 671B total
+#   (685B with the multi-token-prediction module, not modelled), 37B active. kvref builds both at
+#   235.74e9 and 671.03e9 (kvref.compress.MLATransformer on the meta device; V3's 14,848 router
+#   score biases are left out).
+# kvref builds every dense model Llama-style (RoPE, RMSNorm, no biases): for GPT-3 that drops its
+# learned positions and biases (40.5M parameters), 174.57e9 against 174.60e9.
 _PRESETS = [
     ModelConfig(vocab_size=32000, n_layers=32, d_model=4096, n_heads=32, n_kv_heads=32,
                 d_ff=11008, max_seq_len=4096, n_params=6_738_415_616, name="llama-2-7b"),
@@ -136,7 +174,7 @@ _PRESETS = [
                 d_ff=28672, rope_theta=500000.0, max_seq_len=8192, n_params=70_553_706_496, name="llama-3-70b"),
     ModelConfig(vocab_size=128256, n_layers=80, d_model=8192, n_heads=64, n_kv_heads=8,
                 d_ff=28672, rope_theta=500000.0, max_seq_len=131072, n_params=70_553_706_496, name="llama-3.1-70b"),
-    ModelConfig(vocab_size=32000, n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8,
+    ModelConfig(vocab_size=32000, n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8,  # Mistral-7B-v0.1
                 d_ff=14336, max_seq_len=32768, sliding_window=4096, n_params=7_241_732_096, name="mistral-7b"),
     ModelConfig(vocab_size=32000, n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8,
                 d_ff=14336, rope_theta=1e6, max_seq_len=32768, n_experts=8, experts_per_token=2,
@@ -145,11 +183,13 @@ _PRESETS = [
                 d_ff=4 * 12288, mlp="gelu", tie_embeddings=True, max_seq_len=2048,
                 n_params=175_000_000_000, name="gpt-3-175b"),
     ModelConfig(vocab_size=102400, n_layers=60, d_model=5120, n_heads=128, n_kv_heads=128,
-                head_dim=128, max_seq_len=131072, mla_latent_dim=512, mla_rope_dim=64,
-                n_params=236_000_000_000, name="deepseek-v2"),
+                head_dim=128, max_seq_len=131072, mla_latent_dim=512, mla_rope_dim=64, mla_q_rank=1536,
+                d_ff=1536, n_experts=160, experts_per_token=6, n_shared_experts=2,
+                first_dense_layers=1, dense_d_ff=12288, n_params=236_000_000_000, name="deepseek-v2"),
     ModelConfig(vocab_size=129280, n_layers=61, d_model=7168, n_heads=128, n_kv_heads=128,
-                head_dim=128, max_seq_len=131072, mla_latent_dim=512, mla_rope_dim=64,
-                n_params=671_000_000_000, name="deepseek-v3"),
+                head_dim=128, max_seq_len=131072, mla_latent_dim=512, mla_rope_dim=64, mla_q_rank=1536,
+                d_ff=2048, n_experts=256, experts_per_token=8, n_shared_experts=1,
+                first_dense_layers=3, dense_d_ff=18432, n_params=671_000_000_000, name="deepseek-v3"),
 ]
 PRESETS: dict[str, ModelConfig] = {cfg.name: cfg for cfg in _PRESETS}
 

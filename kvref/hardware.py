@@ -193,7 +193,7 @@ PUBLISHED_ENERGY = EnergyCosts(
     "published (HBM2, 45 nm FP16)", 4.0, 1.1 + 0.4,
     "memory: about 4 pJ/bit for HBM2 (O'Connor et al., 'Fine-Grained DRAM', MICRO 2017, whose FGDRAM "
     "halves it); compute: Horowitz, 'Computing's energy problem', ISSCC 2014, 45 nm: FP16 multiply "
-    "1.1 pJ + FP16 add 0.4 pJ = 1.5 pJ per multiply-add (the same table puts DRAM at 1.3-2.6 nJ per "
-    "64-bit access, 20-40 pJ/bit: off-package DDR, not HBM)",
+    "1.1 pJ + FP16 add 0.4 pJ = 1.5 pJ per multiply-add (the same table puts a 64-bit DRAM access at "
+    "1.3-2.6 nJ, 20-40 pJ/bit, naming neither the DRAM type nor a node for it: off-chip DRAM, not HBM)",
 )
 ENERGY_COSTS: dict[str, EnergyCosts] = {c.name: c for c in (SOURCE_CARD_ENERGY, PUBLISHED_ENERGY)}

@@ -96,6 +96,8 @@ class MoE(nn.Module):
         super().__init__()
         self.gate = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)  # the router
         self.experts = nn.ModuleList(MLP(cfg) for _ in range(cfg.n_experts))
+        if cfg.n_shared_experts:  # DeepSeekMoE: experts every token goes through, as one MLP of their summed width
+            self.shared_experts = MLP(cfg.with_(d_ff=cfg.n_shared_experts * cfg.d_ff))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise ValueError("kvref builds mixture-of-experts layers for sizing only (weights, bytes): "

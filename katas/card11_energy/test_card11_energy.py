@@ -346,14 +346,18 @@ def test_dollars_per_million_tokens_bill_every_device_for_the_measured_roofline_
 
 
 @pytest.mark.kata("dollars_per_million_tokens")
-def test_dollars_per_million_tokens_of_llama_2_70b_on_two_h100s():
+def test_dollars_per_million_tokens_of_llama_2_70b_on_two_and_four_h100s():
     cfg = preset("llama-2-70b")
-    two = H100_SXM.tensor_parallel(2)
-    for batch, want, why in ((1, 23.013, "about $23: a 20.5 ms memory-bound step (137.4 GB of weights and 1.3 GB of "
-                                         "K/V at 6.7 TB/s) bills 2 x $2/h for 1 token"),
-                             (64, 0.5787, "about $0.58: the step reads 86 GB of K/V more, but 64 tokens share it")):
-        got = impl.dollars_per_million_tokens(cfg, two, batch, 4095, torch.bfloat16, 2.0)
-        expect_real(call_str("dollars_per_million_tokens", shown(cfg), shown(two), batch, 4095, torch.bfloat16, 2.0), got,
+    for n, batch, want, why in (
+            (2, 1, 23.013, "about $23: a 20.7 ms memory-bound step (137.4 GB of weights and 1.3 GB of K/V at 6.7 TB/s) "
+                           "bills 2 x $2/h for 1 token"),
+            (2, 24, 1.1722, "about $1.17: 24 sequences are the most that fit two H100s; the step reads 32 GB of K/V "
+                            "more, but 24 tokens share the weights"),
+            (4, 64, 0.57868, "about $0.58: 64 sequences need four H100s; four devices bill for a quarter of the "
+                             "memory-bound time each, so only the batch lowers the cost")):
+        hw = H100_SXM.tensor_parallel(n)
+        got = impl.dollars_per_million_tokens(cfg, hw, batch, 4095, torch.bfloat16, 2.0)
+        expect_real(call_str("dollars_per_million_tokens", shown(cfg), shown(hw), batch, 4095, torch.bfloat16, 2.0), got,
                     want, rel=1e-4, why=why)
     one = impl.dollars_per_million_tokens(cfg, H200, 1, 4095, torch.bfloat16, 4.0)
     flops, bytes_ = measured_step(cfg, 1, 4095, torch.bfloat16)

@@ -32,7 +32,9 @@ class RingBufferCache:
     `[B, Hkv, n, D]` with n = min(pos + 1, window), and `key_pos`, a list of n Python ints: the
     absolute position each of those slots holds (slot index is not position once the buffer wraps).
     A query at `pos` attending over the returned keys sees exactly the last `window` positions,
-    its own included.
+    its own included: the buffer's convention, and transformers'. (Mistral §2 writes the window as
+    positions pos - window .. pos, window + 1 of them, as its reference prefill mask does; a
+    buffer of `window` slots holds `window`.)
     """
 
     def __init__(self, window: int, batch: int, n_kv_heads: int, head_dim: int,
