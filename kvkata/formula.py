@@ -44,6 +44,9 @@ RULE = ("Refused while a formula kata runs: kvref beyond its specs kvref/config.
         "(a sum, a norm, torch.tensor(values), svdvals), a shape written out on device='meta' (its .nbytes "
         "allocates nothing), and your own katas of any card.")
 
+# The line every formula kata's docstring ends with (checks/test_formula_rule.py)
+DOCSTRING_LINE = "Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused."
+
 TORCH_BUFFERS = {torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn, torch.randint,
                  torch.empty_strided, torch.empty_like, torch.zeros_like, torch.ones_like, torch.full_like,
                  torch.rand_like, torch.randn_like, torch.randint_like, torch.Tensor.new_empty,
