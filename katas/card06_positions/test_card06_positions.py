@@ -374,10 +374,13 @@ def test_rope_decode_flops_of_llama_3_8b_are_a_rounding_error_next_to_its_matmul
     cfg = preset("llama-3-8b")
     got = rope.rope_decode_flops(cfg, 1)
     q, k = torch.zeros(1, cfg.n_heads, 1, cfg.head_dim), torch.zeros(1, cfg.n_kv_heads, 1, cfg.head_dim)
-    measured = cfg.n_layers * (rope_flops_of_rotation(q, cfg.head_dim) + rope_flops_of_rotation(k, cfg.head_dim))
+    q_ops, k_ops = rope_flops_of_rotation(q, cfg.head_dim), rope_flops_of_rotation(k, cfg.head_dim)
+    measured = cfg.n_layers * (q_ops + k_ops)
     expect_equal(call_str("rope_decode_flops", cfg, 1), got, measured,
-                 "Llama-3-8B, one token: 32 layers x (32 + 8) heads x 128 dims x 3, counted on the rotations of one "
-                 "layer's q and k (about 3e-5 of the 2 x 8e9 FLOPs of its matmuls)")
+                 f"Llama-3-8B, one token: kvref.opcount counted {q_ops:,} multiplies and adds rotating one layer's q "
+                 f"{list(q.shape)} and {k_ops:,} rotating its k {list(k.shape)}, in each of {cfg.n_layers} layers "
+                 f"(about {measured / (2 * cfg.n_params):.0e} of the 2 x {cfg.n_params / 1e9:.1f}e9 FLOPs of its matmuls)"
+                 .replace("e-0", "e-"))
 
 
 # --- alibi_slopes --------------------------------------------------------------------------------
