@@ -278,3 +278,18 @@ def test_the_rule_for_the_readme_lists_every_formula_kata_by_card():
         line = next(line for line in text.splitlines() if line.startswith(f"- {k.card} "))
         assert f"`{k.name}`" in line
     assert formula.RULE in text
+
+
+def test_the_guard_applies_on_the_main_thread_only_and_leaves_it_as_it_was():
+    import threading
+
+    results = []
+    guarded = formula.guarded(kata("kv_cache_bytes"), kv_cache_bytes_by_allocating_the_cache)
+    worker = threading.Thread(target=lambda: results.append(guarded(SMALL, 1, 4, torch.float32)))
+    worker.start()
+    worker.join()
+    assert results == [solution("kv_cache_bytes")(SMALL, 1, 4, torch.float32)]  # unguarded there, as documented
+    previous = sys.getprofile()
+    with pytest.raises(FormulaOnly):
+        guarded(SMALL, 1, 4, torch.float32)
+    assert sys.getprofile() is previous and torch._C._len_torch_function_stack() == 0

@@ -177,7 +177,8 @@ def rule_markdown() -> str:
     """The rule and the formula katas of each card, from cards.toml (for the README)."""
     from kvkata import manifest
 
-    lines = ["A formula kata asks for a closed form. " + RULE, ""]
+    lines = ["A formula kata (`formula = true` in kvkata/cards.toml) asks for a closed form, derived from its "
+             "arguments. " + RULE, ""]
     for card in manifest.cards():
         names = [k.name for k in card.katas if k.formula]
         if names:
