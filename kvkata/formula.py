@@ -45,7 +45,8 @@ RULE = ("Refused while a formula kata runs: kvref beyond its specs kvref/config.
         "allocates nothing), and your own katas of any card.")
 
 # The line every formula kata's docstring ends with (checks/test_formula_rule.py)
-DOCSTRING_LINE = "Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused."
+DOCSTRING_LINE = ("Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) "
+                  "is refused.")
 
 TORCH_BUFFERS = {torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn, torch.randint,
                  torch.empty_strided, torch.empty_like, torch.zeros_like, torch.ones_like, torch.full_like,
@@ -87,7 +88,8 @@ class _NoRealBuffers(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in TORCH_BUFFERS and (device := _device(args, kwargs)).type != "meta":
             name = ("Tensor." if func.__name__.startswith("new_") else "torch.") + func.__name__
-            self.refuse(f"called {name} on {device.type}: memory allocated from a shape is measured, not derived")
+            self.refuse(f"called {name} on {device.type}: memory allocated from a shape is measured, not derived "
+                        f"(the same shape on device='meta', or dtype.itemsize, allocates nothing)")
         return func(*args, **kwargs)
 
 
