@@ -58,8 +58,9 @@ def load(name: str) -> "KataModule":
 class KataModule:
     """A stand-in for a kata module that imports it on first attribute access.
 
-    Formula katas (`formula = true` in cards.toml) come back wrapped: while one runs, torch
-    operations and calls into kvref's instruments and answers are refused (kvkata.formula).
+    Formula katas (`formula = true` in cards.toml) come back wrapped: while one runs, measuring
+    (kvref's models, instruments and answers, FlopCounterMode, hooks, real allocations) is refused
+    (kvkata.formula).
     """
 
     def __init__(self, name: str) -> None:

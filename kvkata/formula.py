@@ -1,10 +1,21 @@
-"""The formula guard: a kata that asks for a closed form must not measure its answer.
+"""The formula guard: a kata that asks for a closed form must derive its answer, not measure it.
 
-While a formula kata runs, a TorchFunctionMode refuses every torch operation (a tensor made,
-a model run, FlopCounterMode) and a profile hook refuses every call into kvref outside its
-spec modules (`kvref/config.py`, `kvref/hardware.py`): kvref's measuring instruments and the
-modules that hold the closed forms are off limits. Plain Python on the arguments is all a
-formula needs: `cfg.n_layers`, `dtype.itemsize`, `hw.mem_bandwidth`.
+A formula kata (`formula = true` in cards.toml) may do any arithmetic on the numbers it is given,
+in Python, math, numpy or torch (a sum, a norm, a sqrt, `torch.linalg.svdvals` of a tensor made
+from them), write a shape out on the meta device (`torch.empty(shape, device="meta").nbytes`
+allocates nothing), read kvref's specs and call the learner's own katas of any card. While it
+runs (on the main thread), the guard refuses what measures the answer:
+
+- kvref beyond its specs: any call into a kvref module other than config.py and hardware.py
+  (and validate.py, its argument checks). The others run a model, a cache or an engine, measure
+  (measure.py, opcount.py) or hold the answers (roofline.py, paging.py, ...);
+- an instrument or a run: a torch.nn module's forward, a hook, FlopCounterMode (or any
+  TorchDispatchMode), the profiler, torch.cuda's memory statistics;
+- memory allocated from a shape on a real device: torch's empty, zeros, ones, full and rand*
+  (with their `_like` and `new_` forms) on any device but "meta", numpy's empty, zeros, ones and
+  full. A tensor made from values (torch.tensor, arange, linspace) is arithmetic and allowed.
+
+It refuses the plausible ways to measure, not every conceivable one.
 """
 
 from __future__ import annotations
@@ -14,40 +25,117 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
+import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kvkata import ROOT
 
 KVREF = ROOT / "kvref"
-SPEC_MODULES = {KVREF / "config.py", KVREF / "hardware.py"}
+SPEC_MODULES = {KVREF / "config.py", KVREF / "hardware.py", KVREF / "validate.py"}
+TORCH = Path(torch.__file__).resolve().parent
+NUMPY = Path(np.__file__).resolve().parent
+
+RULE = ("Refused while a formula kata runs: kvref beyond its specs kvref/config.py and kvref/hardware.py "
+        "(its models, caches, instruments and answers), a torch.nn module's forward, a hook, FlopCounterMode, "
+        "the profiler, and memory allocated from a shape on a real device (torch.zeros/empty/ones/full/rand*, "
+        "numpy's zeros/empty/ones/full). Allowed: arithmetic on the arguments in Python, math, numpy or torch "
+        "(a sum, a norm, torch.tensor(values), svdvals), a shape written out on device='meta' (its .nbytes "
+        "allocates nothing), and your own katas of any card.")
+
+# The line every formula kata's docstring ends with (checks/test_formula_rule.py)
+DOCSTRING_LINE = ("Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) "
+                  "is refused.")
+
+TORCH_BUFFERS = {torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn, torch.randint,
+                 torch.empty_strided, torch.empty_like, torch.zeros_like, torch.ones_like, torch.full_like,
+                 torch.rand_like, torch.randn_like, torch.randint_like, torch.Tensor.new_empty,
+                 torch.Tensor.new_zeros, torch.Tensor.new_ones, torch.Tensor.new_full}
+NUMPY_BUFFERS = {np.empty, np.zeros, np.ones, np.full}  # empty, zeros: C functions; ones, full: Python
+NUMPY_CODE = {f.__code__: f.__name__ for f in NUMPY_BUFFERS if hasattr(f, "__code__")}
+MODULE_RUN = {torch.nn.Module._wrapped_call_impl.__code__, torch.nn.Module._call_impl.__code__}
+INSTRUMENTS = {  # a file under torch/ -> what calling into it is
+    "utils/flop_counter.py": "used FlopCounterMode: an instrument that counts what a run computes",
+    "profiler/": "used the torch profiler: an instrument that measures a run",
+    "autograd/profiler": "used the autograd profiler: an instrument that measures a run",
+    "cuda/memory.py": "read torch.cuda's memory statistics: they measure an allocation",
+}
 
 
 class FormulaOnly(Exception):
-    """A formula kata ran a torch operation or called into kvref's instruments."""
+    """A formula kata measured its answer (ran kvref, a model, an instrument, or allocated from a shape)."""
 
 
 def _refusal(kata, what: str) -> str:
-    return (f"{kata.card} {kata.name} asks for a closed form, computed from its arguments with plain Python "
-            f"arithmetic (math is fine; no torch operation, no call into kvref's instruments); it {what}. "
-            f"Derive the number from the arguments instead of measuring it.")
+    return f"{kata.card} {kata.name} asks for a closed form, derived from its arguments, and it {what}. {RULE}"
 
 
-class _NoTorch(TorchFunctionMode):
-    def __init__(self, kata) -> None:
+def _device(args, kwargs) -> torch.device:
+    if kwargs.get("device") is not None:
+        return torch.device(kwargs["device"])
+    if args and isinstance(args[0], torch.Tensor):  # the _like and new_ forms follow their tensor
+        return args[0].device
+    return torch.get_default_device()
+
+
+class _NoRealBuffers(TorchFunctionMode):
+    def __init__(self, refuse) -> None:
         super().__init__()
-        self.kata = kata
+        self.refuse = refuse
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", str(func))
-        raise FormulaOnly(_refusal(self.kata, f"called torch.{name}"))
+        kwargs = kwargs or {}
+        if func in TORCH_BUFFERS and (device := _device(args, kwargs)).type != "meta":
+            name = ("Tensor." if func.__name__.startswith("new_") else "torch.") + func.__name__
+            self.refuse(f"called {name} on {device.type}: memory allocated from a shape is measured, not derived "
+                        f"(the same shape on device='meta', or dtype.itemsize, allocates nothing)")
+        return func(*args, **kwargs)
 
 
-def _spec_or_outside(filename: str) -> bool:
+@functools.lru_cache(maxsize=None)
+def _where(filename: str) -> tuple[str, str] | None:
+    """("kvref" | "torch" | "numpy", the path inside it) for a file in one of them, else None."""
     try:
         path = Path(filename).resolve()
     except (OSError, ValueError):
-        return True
-    return KVREF not in path.parents or path in SPEC_MODULES
+        return None
+    if path in SPEC_MODULES:
+        return None
+    for name, root in (("kvref", KVREF), ("torch", TORCH), ("numpy", NUMPY)):
+        if root in path.parents:
+            return name, path.relative_to(root).as_posix()
+    return None
+
+
+def _numpy_buffer(name: str, caller) -> str | None:
+    """numpy's own code may allocate; the kata's may not."""
+    if caller is not None and (_where(caller.f_code.co_filename) or ("",))[0] == "numpy":
+        return None
+    return f"called numpy.{name}: memory allocated from a shape is measured, not derived"
+
+
+def _measuring(frame, event, arg) -> str | None:
+    """What this call measures, or None."""
+    if event == "c_call":  # numpy's empty and zeros, called from outside numpy
+        return _numpy_buffer(arg.__name__, frame) if arg in NUMPY_BUFFERS else None
+    code = frame.f_code
+    if event != "call" or (place := _where(code.co_filename)) is None:
+        return None
+    package, rel = place
+    if package == "kvref":
+        call = "imported" if code.co_name == "<module>" else f"called {code.co_name} in"
+        qualname = f" ({code.co_qualname})" if code.co_qualname != code.co_name else ""
+        return f"{call} kvref/{rel}{qualname}: beyond its specs, kvref runs, measures or holds the answers"
+    if package == "numpy":
+        return _numpy_buffer(NUMPY_CODE[code], frame.f_back) if code in NUMPY_CODE else None
+    if code in MODULE_RUN:
+        return f"ran the torch.nn module {type(frame.f_locals.get('self')).__name__}: running a model measures it"
+    if code is TorchDispatchMode.__enter__.__code__:
+        return "entered a TorchDispatchMode: an instrument that sees every operation of a run"
+    if code.co_name.startswith("register") and "hook" in code.co_name:
+        return f"registered a hook ({code.co_name}): a hook measures a run"
+    return next((what for prefix, what in INSTRUMENTS.items() if rel.startswith(prefix)), None)
 
 
 def guarded(kata, fn):
@@ -59,24 +147,46 @@ def guarded(kata, fn):
             return fn(*args, **kwargs)
         refused: list[str] = []
 
+        def refuse(what: str):
+            refused.append(_refusal(kata, what))
+            raise FormulaOnly(refused[-1])
+
         def profile(frame, event, arg):
-            if event == "call" and not _spec_or_outside(frame.f_code.co_filename):
-                where = Path(frame.f_code.co_filename).relative_to(ROOT)
-                refused.append(f"called {frame.f_code.co_name} in {where}")
-                raise FormulaOnly(_refusal(kata, refused[-1]))
+            if (what := _measuring(frame, event, arg)) is not None:
+                refuse(what)  # raising here also turns the profile off
 
         previous = sys.getprofile()
-        sys.setprofile(profile)
-        try:
-            with _NoTorch(kata):
-                return fn(*args, **kwargs)
-        except FormulaOnly:
-            raise
-        except Exception as exc:
-            if refused:  # the learner caught our refusal and raised something else
-                raise FormulaOnly(_refusal(kata, refused[-1])) from exc
-            raise
-        finally:
-            sys.setprofile(previous)
+        with _NoRealBuffers(refuse):
+            sys.setprofile(profile)
+            try:
+                result = fn(*args, **kwargs)
+            except FormulaOnly:
+                raise
+            except Exception as exc:
+                if refused:  # the learner caught our refusal and raised something else
+                    raise FormulaOnly(refused[0]) from exc
+                raise
+            finally:
+                sys.setprofile(previous)
+        if refused:  # the learner caught our refusal and carried on
+            raise FormulaOnly(refused[0])
+        return result
 
     return run
+
+
+def rule_markdown() -> str:
+    """The rule and the formula katas of each card, from cards.toml (for the README)."""
+    from kvkata import manifest
+
+    lines = ["A formula kata (`formula = true` in kvkata/cards.toml) asks for a closed form, derived from its "
+             "arguments. " + RULE, ""]
+    for card in manifest.cards():
+        names = [k.name for k in card.katas if k.formula]
+        if names:
+            lines.append(f"- {card.id} ({card.title}): " + ", ".join(f"`{n}`" for n in names))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(rule_markdown())

@@ -16,7 +16,7 @@ class Kata:
     name: str    # the stub's name: a function or a class
     module: str  # module inside the card's directory, e.g. "cache"
     dir: str     # the card's directory, e.g. "card00_cache_contract"
-    formula: bool = False  # a closed form: no torch operation, no kvref instrument while it runs
+    formula: bool = False  # a closed form: measuring is refused while it runs (kvkata/formula.py)
 
     def path(self, package: str = "katas") -> Path:
         return ROOT / package / self.dir / f"{self.module}.py"

@@ -32,6 +32,8 @@ def token_passes(prompt_len: int, n_new: int, use_cache: bool) -> int:
     A widely shared interview answer says a 100-token answer after a 1000-token prompt costs
     about 55,000 attention computations without a cache and 100 with one, a 550x saving.
     Count the two totals yourself.
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("token_passes: count the tokens each forward pass feeds, with and without the cache, and sum (about 3 lines)")
 
@@ -42,6 +44,8 @@ def kv_projection_rows(cfg: ModelConfig, batch: int, prompt_len: int, n_new: int
     One row is one token's K, or its V, in one layer of one sequence: the number the hooks of
     `kvref.model.count_kv_rows` report as `total` for the whole model. Which factors turn
     `token_passes` into this count?
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("kv_projection_rows: scale token_passes to K and V, every layer, every sequence (1 line)")
 
@@ -52,6 +56,8 @@ def redundant_fraction(prompt_len: int, step: int) -> float:
     `step` numbers the passes of a generation from 0 (the prompt's). Without a cache, how many
     tokens does pass `step` project, and how many of their K/V were already computed by an
     earlier pass? Return a float in [0, 1). (At which step is nothing redundant yet?)
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("redundant_fraction: tokens an uncached pass projects against those a cached pass would (about 3 lines)")
 
@@ -65,6 +71,8 @@ def forward_flops(cfg: ModelConfig, batch: int, n_new: int, n_cached: int) -> in
     T = n_cached + n_new keys in kvref, masked ones included: q @ kᵀ and softmax @ v each cost
     2 · D FLOPs per (query head, new token, key). A prefill is n_cached = 0; a cached decode
     step is n_new = 1; an uncached step is a prefill of the whole sequence.
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("forward_flops: the nn.Linear weights of one layer and of the model, then the attention matmuls (about 7 lines)")
 
@@ -75,5 +83,7 @@ def generation_flops(cfg: ModelConfig, batch: int, prompt_len: int, n_new: int, 
     Use the passes of `token_passes`: with a cache, one prefill then one-token steps, each
     attending everything before it; without, a forward over the whole sequence every pass.
     Which part of a cached step still grows with the sequence length?
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("generation_flops: add up forward_flops over the passes of a generation (about 4 lines)")

@@ -40,6 +40,8 @@ def quantized_kv_bytes(cfg: ModelConfig, batch: int, seq_len: int, bits: int, gr
     (group_size = D: one scale per token per head); for 2 bits D is a multiple of 4.
     An FP16 cache stores 2 bytes a value and no scales: is INT4 then 4x smaller? Work out
     Llama-2-7B at INT4, groups of 32, asymmetric, fp16 scales.
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("quantized_kv_bytes: packed codes of K and V in every layer, plus a scale (and a zero point) per group (about 4 lines)")
 
@@ -53,6 +55,8 @@ def kv_tokens_in_budget(cfg: ModelConfig, budget_bytes: int, bits: int, group_si
     fits). Someone asks: "a 1T-parameter model, 4,096 tokens: how big is its KV cache?"
     Which numbers of the model do you need, and is its parameter count one of them? Two
     models of about 7B parameters (Llama-2-7B and Mistral-7B) are a good place to look.
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("kv_tokens_in_budget: one token's quantized K/V bytes, then how many fit (about 2 lines)")
 
@@ -114,6 +118,8 @@ def key_error_score_bound(q_norm: float, dk_norm: float, head_dim: int) -> float
     The score of query q and key k is s = q·k / √D. If k is stored as k + Δk with
     ||Δk|| = dk_norm (Euclidean norm over the D channels) and ||q|| = q_norm, how far can s
     move, at most? Return a float; it must be reachable (a tight bound, not just a true one).
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("key_error_score_bound: when is q·Δk largest for given norms, then the score's scaling (1 line)")
 
@@ -124,5 +130,7 @@ def softmax_weight_ratio_bound(max_score_shift: float) -> float:
     p = softmax(s) over a row of scores; s' = s + δ with every |δ_j| <= ε (ε = max_score_shift
     >= 0). Return the least upper bound of p'_i / p_i over all rows, all i and all such δ (a
     float; by symmetry p_i / p'_i obeys the same bound). Which δ is worst for weight i?
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("softmax_weight_ratio_bound: the worst δ for one weight, then exp of what it does (1 line)")

@@ -47,6 +47,8 @@ def max_batch_from_memory(cfg: ModelConfig, free_bytes: int, seq_len: int, dtype
     is memory / (2 · L · d_model · bytes): does that count sequences or tokens, and which
     number does it use in the wrong place (Llama-3-8B: d_model 4096, but 8 KV heads of 128)?
     Return a Python int, 0 when not even one sequence fits.
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("max_batch_from_memory: bytes of one sequence's cache, every layer, then whole sequences in free_bytes (about 2 lines)")
 
@@ -63,6 +65,8 @@ def layers_doubled_throughput_ratio(cfg: ModelConfig, hw: Hardware, free_bytes: 
     Does its throughput halve? Its step reads twice the layers' weights for half as many
     sequences. Derive when the ratio is near 1/2 and when it falls towards 1/4. The deeper
     model fits at least one sequence in the tests.
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("layers_doubled_throughput_ratio: each model's batch from free_bytes, its roofline step time, tokens per second, the ratio (about 6 lines)")
 

@@ -100,7 +100,7 @@ def test_max_batch_from_memory_fills_memory_with_real_caches_of_a_small_model():
              6: " (round down: a sixth sequence's cache does not fit)"}.get(got, "") if got != 5 else ""
     expect_equal(call_str("max_batch_from_memory", shown(GQA), free, 12, torch.float32), got, 5,
                  f"kvref allocated static caches for 5 sequences of 12 positions in {cache_nbytes(caches):,} bytes "
-                 f"({per_seq:,} a sequence: 2 layers x K and V x 2 KV heads x 8 dims x 4 bytes x 12 positions); "
+                 f"({per_seq:,} a sequence, the .nbytes of one sequence's static caches); "
                  f"a sixth does not fit in {free:,}" + cause)
 
 

@@ -21,10 +21,11 @@ import torch
 
 
 def alibi_slopes(n_heads: int) -> list[float]:
-    """The ALiBi slope of each of `n_heads` heads, head 0 first, as Python floats (a closed form:
-    plain Python and `math`, no torch; the test refuses a torch operation).
+    """The ALiBi slope of each of `n_heads` heads, head 0 first, as Python floats.
 
     Check: 8 heads give 0.5, 0.25, ..., 1/256. What do 12 heads (not a power of two) give?
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("alibi_slopes: the power-of-two sequence, then every other slope of the next power of two (about 4 lines)")
 

@@ -97,5 +97,7 @@ def rope_decode_flops(cfg: ModelConfig, batch: int, rotary_dim: int | None = Non
     heads, or once for all positions; do not count them. Which vectors are rotated at a
     decode step with a cache: the new token's queries and keys, or the cached ones too?
     Check: Llama-3-8B (32 layers, 32 query heads, 8 KV heads, head dim 128), batch 1.
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("rope_decode_flops: FLOPs per rotated element, times the rotated elements of one decode step (about 2 lines)")

@@ -20,7 +20,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import kvkata
-from kvkata.check import call_str, expect, expect_close, expect_equal, expect_real, expect_tensor, expect_tensor_equal, plural
+from kvkata.check import Mismatch, call_str, expect, expect_close, expect_equal, expect_real, expect_tensor, expect_tensor_equal, plural
 from kvref.alibi import alibi_attention, alibi_slopes
 from kvref.config import ModelConfig, preset
 from kvref.model import build_model
@@ -51,6 +51,27 @@ def fp32_rope_atol(x: torch.Tensor, max_pos: int) -> float:
 def rotary_dims(draw, D: int):
     """None (all D dimensions) or an even number of leading dimensions, 2 .. D."""
     return draw(st.one_of(st.none(), st.integers(1, D // 2).map(lambda h: 2 * h)), label="rotary_dim")
+
+
+def expect_close_in_bf16(call, got, want, atol, rtol, why, precision, fp32_right):
+    """expect_close for a bf16 call; a mismatch blames bf16 (`precision`) only when `fp32_right()`, the
+    same call on the same inputs in fp32 checked against its fp32 answer, passes: a wrong rotation or a
+    wrong sign fails in fp32 too, and then the note says so instead."""
+    try:
+        expect_close(call, got, want, AXES, atol=atol, rtol=rtol, why=why)
+    except Mismatch as failure:
+        try:
+            right, raised = fp32_right(), ""
+        except Exception as exc:  # noqa: BLE001 - the learner's code, rerun
+            right, raised = False, f" (it raises {type(exc).__name__}: {exc})"
+        note = (f"the same call with these inputs in fp32 passes, so bf16 precision is the cause: {precision}" if right
+                else f"the same call with these inputs in fp32 fails too{raised}, so bf16 precision is not the "
+                     f"cause: the mistake is in the arithmetic itself (the fp32 tests of this kata show it)")
+        raise Mismatch(f"{failure}\n  {note}") from None
+
+
+def fp32_close(got, want, atol, rtol) -> bool:
+    return got.shape == want.shape and bool(((got.double() - want.double()).abs() <= atol + rtol * want.double().abs()).all())
 
 
 def attention_ref(q, keys, values):
@@ -135,9 +156,12 @@ def test_rope_rotate_of_bf16_input_is_computed_in_fp32(convention, seed):
     # bf16 cos/sin and products (as Hugging Face does) miss elements where the two products nearly
     # cancel by about 2^-9 · |x|: measured, at least 7x this tolerance on every seed. fp32 in another
     # order (exp/log frequencies, a·cos - b·sin) stays within 0.55x of it: one bf16 rounding step.
-    expect_close(call_str("rope_rotate", x, pos, 10000.0, convention), got, want, AXES,
-                 atol=4e-6 * 16 * float(x.abs().max()), rtol=2 ** -6,
-                 why="bf16 in, bf16 out, with the angles, cos, sin and products in fp32 and one rounding at the end")
+    expect_close_in_bf16(
+        call_str("rope_rotate", x, pos, 10000.0, convention), got, want, atol=4e-6 * 16 * float(x.abs().max()),
+        rtol=2 ** -6, why="kvref's rotation of the same bf16 input, rounded to bf16 once at the end",
+        precision="the angles, cos, sin and products must be computed in fp32 and rounded to bf16 once at the end",
+        fp32_right=lambda: fp32_close(rope.rope_rotate(x.float(), pos, 10000.0, convention),
+                                      kvref_rotate(x.float(), pos, 10000.0, convention), fp32_rope_atol(x, 16), 1e-5))
     expect(got.dtype == torch.bfloat16, call_str("rope_rotate", x, pos), got, "a bf16 tensor, the input's dtype")
 
 
@@ -241,10 +265,20 @@ def test_rope_cached_decode_of_bf16_input_takes_its_scores_and_softmax_in_fp32(c
            "bf16 out and a bf16 cache: the inputs' dtype (compute in fp32, round once at the end)")
     q_rot = kvref_rotate(q, torch.tensor([pos]), 10000.0, convention)
     want = attention_ref(q_rot, k_rot, v)
-    expect_close(call, out, want, AXES, atol=2 ** -7 * float(want.abs().max()), rtol=0,
-                 why="attention computed in float64 from the bf16 inputs: every score is near 50, where bf16's "
-                     "spacing is 0.25, so q·kᵀ and the softmax must run in fp32 (q.float(), k_cache.float(), "
-                     "v_cache.float()) and only the output be rounded to bf16")
+
+    def fp32_right():
+        q32, k32, v32, k_rot32 = q.float(), k.float(), v.float(), kvref_rotate(k.float(), torch.arange(pos - T, pos + 1),
+                                                                               10000.0, convention)
+        out32 = rope.rope_cached_decode(q32, k32[:, :, T:], v32[:, :, T:], k_rot32[:, :, :T].clone(),
+                                        v32[:, :, :T].clone(), pos, convention=convention)[0]
+        want32 = attention_ref(kvref_rotate(q32, torch.tensor([pos]), 10000.0, convention), k_rot32, v32)
+        return fp32_close(out32, want32, 1e-4 * float(want32.abs().max()), 1e-4)
+
+    expect_close_in_bf16(call, out, want, atol=2 ** -7 * float(want.abs().max()), rtol=0,
+                         why="attention computed in float64 from the bf16 inputs, the output rounded to bf16",
+                         precision="every score is near 50, where bf16's spacing is 0.25, so q·kᵀ and the softmax "
+                                   "must run in fp32 (q.float(), k_cache.float(), v_cache.float()) and only the "
+                                   "output be rounded to bf16", fp32_right=fp32_right)
 
 
 # --- rope_rerotate --------------------------------------------------------------------------------
@@ -340,10 +374,13 @@ def test_rope_decode_flops_of_llama_3_8b_are_a_rounding_error_next_to_its_matmul
     cfg = preset("llama-3-8b")
     got = rope.rope_decode_flops(cfg, 1)
     q, k = torch.zeros(1, cfg.n_heads, 1, cfg.head_dim), torch.zeros(1, cfg.n_kv_heads, 1, cfg.head_dim)
-    measured = cfg.n_layers * (rope_flops_of_rotation(q, cfg.head_dim) + rope_flops_of_rotation(k, cfg.head_dim))
+    q_ops, k_ops = rope_flops_of_rotation(q, cfg.head_dim), rope_flops_of_rotation(k, cfg.head_dim)
+    measured = cfg.n_layers * (q_ops + k_ops)
     expect_equal(call_str("rope_decode_flops", cfg, 1), got, measured,
-                 "Llama-3-8B, one token: 32 layers x (32 + 8) heads x 128 dims x 3, counted on the rotations of one "
-                 "layer's q and k (about 3e-5 of the 2 x 8e9 FLOPs of its matmuls)")
+                 f"Llama-3-8B, one token: kvref.opcount counted {q_ops:,} multiplies and adds rotating one layer's q "
+                 f"{list(q.shape)} and {k_ops:,} rotating its k {list(k.shape)}, in each of {cfg.n_layers} layers "
+                 f"(about {measured / (2 * cfg.n_params):.0e} of the 2 x {cfg.n_params / 1e9:.1f}e9 FLOPs of its matmuls)"
+                 .replace("e-0", "e-"))
 
 
 # --- alibi_slopes --------------------------------------------------------------------------------
@@ -427,7 +464,15 @@ def test_alibi_cached_decode_of_bf16_input_takes_its_scores_and_softmax_in_fp32(
            "bf16 out and a bf16 cache: the inputs' dtype (compute in fp32, round once at the end)")
     want = alibi_attention(q.double(), k.double(), v.double(), slopes.double(), torch.tensor([pos]),
                            torch.arange(pos - T, pos + 1))
-    expect_close(call, out, want, AXES, atol=2 ** -7 * float(want.abs().max()), rtol=0,
-                 why="ALiBi attention computed in float64 from the bf16 inputs: every score is near 50, where "
-                     "bf16's spacing is 0.25, so the scores, the bias and the softmax must run in fp32 and only the "
-                     "output be rounded to bf16")
+
+    def fp32_right():
+        q32, k32, v32 = q.float(), k.float(), v.float()
+        out32 = alibi.alibi_cached_decode(q32, k32[:, :, T:], v32[:, :, T:], k32[:, :, :T].clone(),
+                                          v32[:, :, :T].clone(), slopes)[0]
+        return fp32_close(out32, want, 1e-4 * float(want.abs().max()), 1e-4)  # want: float64 from these inputs
+
+    expect_close_in_bf16(call, out, want, atol=2 ** -7 * float(want.abs().max()), rtol=0,
+                         why="ALiBi attention computed in float64 from the bf16 inputs, the output rounded to bf16",
+                         precision="every score is near 50, where bf16's spacing is 0.25, so the scores, the bias "
+                                   "and the softmax must run in fp32 and only the output be rounded to bf16",
+                         fp32_right=fp32_right)

@@ -29,6 +29,8 @@ def kv_heads_of_rank(n_kv_heads: int, tp: int, rank: int) -> list[int]:
     Rank r owns a contiguous block of the query heads; which KV heads do they read? With 8 KV
     heads on tp = 4, rank 1 holds two of them: which two? With 2 KV heads on tp = 4 there are
     more ranks than KV heads: which head does rank 3 hold, and which other rank holds it too?
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("kv_heads_of_rank: the KV heads read by this rank's contiguous query heads, or the one replicated head (about 4 lines)")
 
@@ -38,6 +40,8 @@ def kv_replication(n_kv_heads: int, tp: int) -> int:
 
     Llama-2-70B has 8 KV heads: how many copies of each are there on tp = 8? On tp = 16? And on
     tp = 2, where each rank holds 4 of them?
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("kv_replication: ranks per KV head, never below 1 (1 line)")
 
@@ -48,6 +52,8 @@ def kv_bytes_per_rank(cfg: ModelConfig, tp: int, batch: int, seq_len: int, dtype
     Every rank holds all L layers, but not all the heads: how many KV heads does one rank hold,
     and does that count ever fall below 1? (Llama-2-70B, tp = 8, bf16, one sequence of 4,096
     tokens: is it 1/8 of the whole cache? And on tp = 16?)
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("kv_bytes_per_rank: K and V of every layer for the KV heads one rank holds, in bytes (about 2 lines)")
 
@@ -57,6 +63,8 @@ def pipeline_kv_bytes_per_stage(cfg: ModelConfig, stages: int, batch: int, seq_l
 
     A stage runs only its own layers for every token. Does it ever need another stage's K or V?
     Is a request's cache stored once per stage, or split between them?
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("pipeline_kv_bytes_per_stage: K and V of this stage's layers only, in bytes (about 2 lines)")
 
@@ -66,6 +74,8 @@ def pipeline_bytes_sent_per_step(cfg: ModelConfig, batch: int, dtype: torch.dtyp
 
     What does the next stage need to run its layers on the new token: the cache of the layers
     before it, or something else? Does the answer grow with the sequence's length?
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("pipeline_bytes_sent_per_step: what crosses a stage boundary for one new token per sequence, in bytes (1 line)")
 
@@ -83,6 +93,8 @@ def reshard_plan(n_kv_heads: int, tp_from: int, tp_to: int) -> list[tuple[int, i
     the tests accept any). Any order of the list.
     8 KV heads from tp = 2 to tp = 4: which GPU sends what to whom, and how many heads move?
     1 KV head from tp = 2 to tp = 4? 8 KV heads from tp = 4 to tp = 1?
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("reshard_plan: for each destination, the heads its new rank caches that it lacks, each from the holder with the fewest sends so far (about 12 lines)")
 
@@ -97,5 +109,7 @@ def reshard_seconds(cfg: ModelConfig, tp_from: int, tp_to: int, batch: int, seq_
     one after another, so do its receives, but sending and receiving overlap, and every GPU
     works at the same time. The reshard ends when the busiest direction of the busiest GPU does.
     (Llama-2-70B, 4,096 bf16 tokens, tp = 2 to tp = 4: who is busiest, and for how long?)
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("reshard_seconds: count each GPU's moves sent and received under reshard_plan; the busiest sets the time (about 7 lines)")

@@ -37,6 +37,8 @@ def decode_attention_intensity(cfg: ModelConfig, dtype: torch.dtype) -> float:
     For any batch, any context length T and any layer of `cfg` (`cfg.n_heads` query heads,
     `cfg.n_kv_heads` KV heads, `cfg.head_dim`), the cache held in `dtype`. Which of batch, T and
     head_dim survive in the ratio? Check: Llama-3-8B (32 query heads over 8 KV heads) in bf16.
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("decode_attention_intensity: FLOPs of the two matmuls over the bytes of K and V, per (sequence, layer) (about 3 lines)")
 
@@ -50,6 +52,8 @@ def queries_to_reach_ridge(cfg: ModelConfig, hw: Hardware, dtype: torch.dtype) -
     module docstring says) are at least `hw.ridge_point(dtype)` (peak FLOP/s over bytes/s), the
     cache and the matmuls both in `dtype`. Check: Llama-2-70B (64 query heads over 8 KV heads) on
     an H100 in bf16.
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("queries_to_reach_ridge: the intensity with S queries, set to the ridge point, the smallest int S (about 3 lines)")
 

@@ -63,8 +63,8 @@ def test_decode_attention_intensity_equals_counted_flops_over_the_bytes_of_k_and
     want, flops, nbytes = measured_intensity(cfg, dtype, 1, T, B)
     expect_real(call_str("decode_attention_intensity", shown(cfg), dtype), got, want, rel=1e-12,
                 why=f"FlopCounterMode counted {flops:,} FLOPs of q·kᵀ and p·v for {B} x {cfg.n_heads} query heads over "
-                    f"{T} keys; K and V in {dtype} are {nbytes:,} bytes ({B} x {cfg.n_kv_heads} KV heads x {T} x "
-                    f"{cfg.head_dim} x 2 tensors x {dtype.itemsize} B)")
+                    f"{T} keys; K and V in {dtype}, [{B}, {cfg.n_kv_heads}, {T}, {cfg.head_dim}] each, have an "
+                    f".nbytes of {nbytes:,} together")
 
 
 @pytest.mark.kata("decode_attention_intensity")

@@ -58,6 +58,8 @@ def linear_state_bytes(cfg: ModelConfig, batch: int, dtype: torch.dtype) -> int:
 
     Every layer keeps S and z (as in `linear_attention_step`, with Dv = D = cfg.head_dim) for each
     KV head of each sequence. How does it depend on the number of tokens seen?
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("linear_state_bytes: S and z per KV head, per sequence, per layer, in bytes of dtype (about 2 lines)")
 
@@ -68,6 +70,8 @@ def cache_outgrows_state_at(cfg: ModelConfig) -> int:
     Same model, batch and element type for both (do they matter?): the cache as in card02 (K and V,
     `[B, Hkv, T, D]` per layer), the state as in `linear_state_bytes`. Llama-3-8B (D = 128): from how
     many tokens on is its cache the bigger of the two?
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("cache_outgrows_state_at: compare 2·T·D with what one KV head's state holds, and find the first T (about 2 lines)")
 
@@ -80,5 +84,7 @@ def recall_capacity(d_key: int, d_value: int) -> int:
     every i. Choose S as well as any rule could (the best S for those pairs). For which N does an
     S exist for every draw? (Does d_value limit it? Count the equations and the unknowns, then look
     at what Sᵀ does to the span of the keys.)
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("recall_capacity: the most pairs every draw of keys lets one S read back exactly (1 line)")

@@ -20,8 +20,10 @@ SwiGLU (3 matrices) or GELU (2) MLP. Activations are left out. "Per token" means
 token: a step of batch B generates B tokens.
 
 Money: `hw` is a `kvref.hardware.Hardware` (`hw.n_devices` devices, each billed per hour), a step
-takes its roofline time (card02: max(FLOPs / hw.peak_flops(dtype), bytes / hw.mem_bandwidth)).
-GB means 10^9 bytes.
+takes its roofline time, max(FLOPs / hw.peak_flops(dtype), bytes / hw.mem_bandwidth): the cached
+step of your own card02 kata `roofline_step_time`. A kata here may call it (`from
+katas.card02_memory_vs_compute.costs import roofline_step_time`; kvref.roofline is a spoiler and
+is refused); its tests then depend on that kata too. GB means 10^9 bytes.
 
 Shapes: B batch, T tokens already in each sequence, L layers, H query heads, Hkv KV heads,
 D head dim, d = d_model, V vocab, W = cfg.sliding_window (0: none).
@@ -45,6 +47,8 @@ def memory_energy_per_token(cfg: ModelConfig, batch: int, seq_len: int, dtype: t
     of it is shared by the whole batch, and how many bits is a byte? (Llama-2-70B, bf16, 4,095 tokens,
     batch 1, published constants: a few joules. Is that per step or per token, and does it fall
     with the batch?)
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("memory_energy_per_token: the step's bytes, in bits, times pJ per bit, in joules, per generated token (about 5 lines)")
 
@@ -56,6 +60,8 @@ def compute_energy_per_token(cfg: ModelConfig, batch: int, seq_len: int, dtype: 
     Count the step's FLOPs as card01/card02 do, then ask how many FLOPs one multiply-add is,
     since `costs.pj_per_fma` is per multiply-add. Does the answer depend on the batch, or on
     `dtype` (beyond the constants, which are for 16-bit floats)?
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("compute_energy_per_token: the step's FLOPs as multiply-adds, times pJ per multiply-add, in joules, per generated token (about 5 lines)")
 
@@ -66,6 +72,8 @@ def energy_crossover_batch(cfg: ModelConfig, seq_len: int, dtype: torch.dtype, c
     From the two energies above, as functions of the batch at this `seq_len`: which one falls as
     the batch grows, towards what floor? If that floor already exceeds the compute energy, no
     batch crosses (return None). Whether that batch fits in memory is another question, not asked.
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("energy_crossover_batch: the batch where the falling memory energy per token meets the flat compute energy (about 8 lines)")
 
@@ -75,8 +83,10 @@ def dollars_per_million_tokens(cfg: ModelConfig, hw: Hardware, batch: int, seq_l
     """Dollars per million generated tokens when `hw` decodes `batch` sequences of `seq_len` tokens.
 
     Every one of `hw.n_devices` devices is rented at `dollars_per_device_hour` for the roofline
-    time of each step, and a step generates `batch` tokens. Llama-2-70B needs two H100s: who pays
-    for the second?
+    time of each step (your card02 `roofline_step_time`, cached), and a step generates `batch`
+    tokens. Llama-2-70B needs two H100s: who pays for the second?
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("dollars_per_million_tokens: the roofline step time, every device's price, tokens per step (about 7 lines)")
 
@@ -92,5 +102,7 @@ def keep_prefix_cache(cfg: ModelConfig, hw: Hardware, prefix_len: int, dtype: to
     through every nn.Linear, and 4·L·H·prefix_len²·D of attention: the whole square is computed),
     on all `hw.n_devices` devices at `dollars_per_device_hour` each. Keep when reuse is worth more
     than storage (strictly).
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("keep_prefix_cache: reuses x the dollars of one prefill of the prefix against the dollars of storing its K/V (about 9 lines)")

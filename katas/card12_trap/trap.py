@@ -33,6 +33,8 @@ def static_capacity_rps(kv_budget_tokens: int, max_seq_len: int, output_len: int
     its reservation); every step takes `step_time` seconds whatever the batch. Requests are
     plentiful: whenever a slot frees up, one is waiting. How many requests run at once (can a
     fraction of a request run?), and how many steps does each one occupy?
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("static_capacity_rps: whole reservations that fit, over each request's time in the batch (about 2 lines)")
 
@@ -45,5 +47,7 @@ def mean_in_system(arrivals: list[float], departures: list[float], horizon: floa
     may still be in the system at the horizon (departures[i] > horizon). The time average is
     (1 / horizon) · ∫ N(t) dt over [0, horizon], N(t) the number in the system at time t. Is
     there a way to compute the integral without building N(t)?
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("mean_in_system: each request's time in the system within [0, horizon], summed, over horizon (about 2 lines)")

@@ -34,6 +34,8 @@ def prefix_block_keys(token_ids: list[int], block_size: int) -> list[bytes]:
     block i's own token ids, e.g. with `hashlib.sha256` (the first block's parent is any fixed
     bytes). A partly filled last block gets no key. Why is hashing block i's tokens alone wrong?
     (Two prompts [1, 2, 3, 4] and [9, 9, 3, 4] in blocks of 2.)
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("prefix_block_keys: one digest per full block, chained over the parent's digest and the block's tokens (about 5 lines)")
 
@@ -47,6 +49,8 @@ def prefix_sharing_saved_bytes(cfg: ModelConfig, n_requests: int, prompt_len: in
     held once. Count the bytes in every layer, for K and V, in `dtype`. Which blocks of the
     prompt can be shared, and how many copies of each are still needed? (100 requests, a
     1,000-token prompt, blocks of 16: is block 62 shared?)
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError('prefix_sharing_saved_bytes: the shareable whole blocks, the copies no longer needed, bytes per block (about 3 lines)')
 
@@ -59,6 +63,8 @@ def parallel_sampling_blocks(prompt_len: int, n_samples: int, new_tokens: int, b
     (copy-on-write); one that is alone on a block writes in place. How many distinct blocks are
     held once every sample has its `new_tokens`? (Prompt 20, blocks of 16, 4 samples, 1 token
     each: is it 2 blocks, 5, or 8?)
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("parallel_sampling_blocks: shared full blocks plus each sample's private tail after copy-on-write (about 4 lines)")
 
@@ -69,6 +75,8 @@ def prompt_block_refcounts(prompt_len: int, n_samples: int, new_tokens: int, blo
     Same scenario: the prompt's blocks, in order, were shared by all `n_samples` samples; then
     every sample appended `new_tokens` tokens, copying a shared partly filled block before
     writing into it. How many samples still point at each of the original blocks?
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError('prompt_block_refcounts: who still points at each original prompt block after copy-on-write (about 5 lines)')
 
@@ -79,6 +87,8 @@ def layer_transfer_seconds(cfg: ModelConfig, batch: int, seq_len: int, dtype: to
 
     The cache is offloaded to CPU memory (or disk) and streamed back layer by layer. How many
     bytes does one layer hold? (Llama-2-7B, bf16, one 4,096-token sequence, 64 GB/s.)
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("layer_transfer_seconds: one layer's K/V bytes over the link bandwidth (1 line)")
 
@@ -91,5 +101,7 @@ def offloaded_step_seconds(n_layers: int, compute_s: float, transfer_s: float) -
     copy of layer l + 1 overlaps the compute of layer l (two buffers). Nothing is prefetched
     before the step starts. When does a layer's transfer hide completely behind compute, and what
     is exposed then? And when it does not?
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError('offloaded_step_seconds: the first copy, the overlapped middle, the last compute (1 line)')

@@ -36,6 +36,8 @@ def mla_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
     without MLA (`cfg.mla_latent_dim == 0`) caches K and V of `cfg.n_kv_heads` heads of
     `cfg.head_dim` in every layer, as in card02: return that, so the two compare. DeepSeek-V3 in
     bf16: fewer bytes per token than Llama-3-8B?
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("mla_bytes_per_token: the latent and the RoPE key of every layer (or K and V of the KV heads), in bytes (about 3 lines)")
 
@@ -65,6 +67,8 @@ def low_rank_key_error(singular_values: list[float], rank: int) -> float:
     rest (rank 0 keeps nothing; a rank at or past the count keeps everything). Which singular
     values does the error come from, those kept or those dropped? Is ‖·‖_F a sum of them, of
     their squares, or the root of that? (Keys with singular values 4 and 3: the rank-0 error is?)
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("low_rank_key_error: the error from the singular values a rank-r truncation drops (1 line)")
 
@@ -88,5 +92,7 @@ def selective_cache_recompute_flops(cfg: ModelConfig, cached_layers: Set[int], n
     and as many weighted sums over D in each of H heads (the causal mask is applied afterwards);
     norms, RoPE and softmax count 0. `cfg` is dense (no experts) and has no sliding window.
     Return an int.
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     raise NotImplementedError("selective_cache_recompute_flops: the past tokens through every layer below the highest uncached one, then its K/V projections (about 10 lines)")

@@ -114,10 +114,10 @@ def test_deepseek_v2_and_v3_cache_69_120_and_70_272_bytes_a_token_in_bf16():
         cfg = preset(name)
         got = impl.mla_bytes_per_token(cfg, torch.bfloat16)
         measured = mla_cache_bytes_measured(cfg, 1, 1, torch.bfloat16)
+        mistake = {128 * measured: ": yours is 128 times that, one per head; MLA caches one per layer",
+                   layers * 512 * 2: ": yours leaves out the RoPE key, which is cached beside the latent"}.get(got, "")
         expect_equal(call_str("mla_bytes_per_token", Shown(f"preset({name!r})"), torch.bfloat16), got, measured,
-                     f"{layers} layers x (512 latent + 64 RoPE key) x 2 bytes = {measured:,}: one latent per layer, "
-                     f"not per head ({128 * measured:,} would be per head), and the RoPE key counts too "
-                     f"({layers * 512 * 2:,} without it)")
+                     f".nbytes of a one-token MLA cache of {name}'s {layers} layers, built on the meta device" + mistake)
     v3, llama = impl.mla_bytes_per_token(preset("deepseek-v3"), torch.bfloat16), \
         impl.mla_bytes_per_token(preset("llama-3-70b"), torch.bfloat16)
     expect(isinstance(v3, int) and isinstance(llama, int) and v3 * 4 < llama,

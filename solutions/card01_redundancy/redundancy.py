@@ -32,6 +32,8 @@ def token_passes(prompt_len: int, n_new: int, use_cache: bool) -> int:
     A widely shared interview answer says a 100-token answer after a 1000-token prompt costs
     about 55,000 attention computations without a cache and 100 with one, a 550x saving.
     Count the two totals yourself.
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     if use_cache:
         return prompt_len + (n_new - 1)  # the prompt once, then one token per later pass
@@ -45,6 +47,8 @@ def kv_projection_rows(cfg: ModelConfig, batch: int, prompt_len: int, n_new: int
     One row is one token's K, or its V, in one layer of one sequence: the number the hooks of
     `kvref.model.count_kv_rows` report as `total` for the whole model. Which factors turn
     `token_passes` into this count?
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     return 2 * cfg.n_layers * batch * token_passes(prompt_len, n_new, use_cache)  # K and V, every layer
 
@@ -55,6 +59,8 @@ def redundant_fraction(prompt_len: int, step: int) -> float:
     `step` numbers the passes of a generation from 0 (the prompt's). Without a cache, how many
     tokens does pass `step` project, and how many of their K/V were already computed by an
     earlier pass? Return a float in [0, 1). (At which step is nothing redundant yet?)
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     fed = prompt_len + step  # the uncached pass reprojects the whole sequence so far
     new = prompt_len if step == 0 else 1  # a cache would have projected only these
@@ -70,6 +76,8 @@ def forward_flops(cfg: ModelConfig, batch: int, n_new: int, n_cached: int) -> in
     T = n_cached + n_new keys in kvref, masked ones included: q @ kᵀ and softmax @ v each cost
     2 · D FLOPs per (query head, new token, key). A prefill is n_cached = 0; a cached decode
     step is n_new = 1; an uncached step is a prefill of the whole sequence.
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     d, H, Hkv, D = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     per_layer = d * H * D + 2 * d * Hkv * D + H * D * d + 3 * d * cfg.d_ff  # q, k+v, o; gate, up, down
@@ -86,6 +94,8 @@ def generation_flops(cfg: ModelConfig, batch: int, prompt_len: int, n_new: int, 
     Use the passes of `token_passes`: with a cache, one prefill then one-token steps, each
     attending everything before it; without, a forward over the whole sequence every pass.
     Which part of a cached step still grows with the sequence length?
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     if not use_cache:
         return sum(forward_flops(cfg, batch, prompt_len + i, 0) for i in range(n_new))

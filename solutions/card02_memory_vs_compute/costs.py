@@ -44,6 +44,8 @@ def kv_cache_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtyp
     Each layer keeps K and V, each `[B, Hkv, T, D]`. Which heads count, the H query heads or the
     Hkv KV heads? Check yourself on a widely shared answer: 40 layers, 32 heads (MHA), head dim
     128, fp16, 4000 tokens: is one user's cache 1.3 GB?
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     return 2 * cfg.n_layers * batch * seq_len * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize  # K and V
 
@@ -54,6 +56,8 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
     How many bytes is one element of `dtype` (a torch.dtype: torch.bfloat16, torch.int8, ...)?
     Then: what does one token store, in every layer? (Llama-2-70B in bf16: are 1,000 tokens
     1.2 GB?)
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize  # itemsize is bytes, finfo().bits bits
 
@@ -68,6 +72,8 @@ def fits_in_memory(cfg: ModelConfig, hw: Hardware, batch: int, seq_len: int, dty
     a rolling buffer could keep fewer: not asked here). Activations, workspace and the
     allocator's overheads are ignored, so a True here can still run out of memory. Fit means
     at most `hw.memory_bytes`.
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     d, H, Hkv, D, L = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
     mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.d_ff
@@ -90,6 +96,8 @@ def roofline_step_time(cfg: ModelConfig, hw: Hardware, batch: int, seq_len: int,
     [seq_len + 1, seq_len + 1] rectangle (kvref computes all of it and masks afterwards); it
     reads the weights only (activations are not counted). `cfg` is dense (no experts). Which of
     the two is memory-bound at batch 1?
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     d, H, Hkv, D, L = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
     mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.d_ff
@@ -113,6 +121,8 @@ def recompute_to_read_ratio(cfg: ModelConfig, hw: Hardware, seq_len: int, dtype:
     scores of those layers aside (they only add to it). Reading costs the tokens' cache bytes
     at bandwidth. Does the ratio depend on `seq_len`? Below 1, recomputing would win: which
     models could that be? `cfg` is dense.
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     d, H, Hkv, D, L = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
     mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.d_ff

@@ -26,6 +26,8 @@ def static_slot_waste(max_seq_len: int, lengths: list[int]) -> float:
     Each request reserves `max_seq_len` slots and fills `lengths[i]` of them. Return
     unused slots / reserved slots over the whole trace, a float in [0, 1). (Three requests of
     1, 512 and 8,192 tokens against max_seq_len 8,192: how many of the 24,576 slots are used?)
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     return 1 - sum(lengths) / (len(lengths) * max_seq_len)
 
@@ -42,6 +44,8 @@ def reservation_waste_bound(max_seq_len: int, short_fraction: float, short_max: 
 
     The interview case: max_seq_len = 8,192 with 90% of requests under 512 tokens. Any number
     above this floor needs an assumed distribution (uniform lengths, say), and depends on it.
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     used = short_fraction * short_max + (1 - short_fraction) * max_seq_len
     return 1 - used / max_seq_len
@@ -52,6 +56,8 @@ def blocks_for_tokens(n_tokens: int, block_size: int) -> int:
 
     Tokens fill a sequence's blocks in order; a new block is taken only when the last one is
     full. (70 tokens in blocks of 16? 64? 0 tokens?)
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     return -(-n_tokens // block_size)
 
@@ -112,6 +118,8 @@ def paged_slot_waste(lengths: list[int], block_size: int) -> float:
     Requests of `lengths` tokens each hold just enough blocks of `block_size` slots. Return
     unused slots / slots held over the whole trace, a float in [0, 1). Where in a sequence can
     an unused slot be, and how many can there be at most?
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     held = sum(blocks_for_tokens(n, block_size) for n in lengths) * block_size
     return 1 - sum(lengths) / held
@@ -123,6 +131,8 @@ def paged_waste_bytes(cfg: ModelConfig, lengths: list[int], block_size: int, dty
     A block of `block_size` slots exists in every layer, for K and for V, for all the KV heads.
     How many bytes does one unused slot cost across the model? (Llama-2-70B: 80 layers,
     8 KV heads of 128, d_model 8192.)
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     unused = sum(blocks_for_tokens(n, block_size) * block_size - n for n in lengths)
     return unused * 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize

@@ -47,6 +47,8 @@ def max_batch_from_memory(cfg: ModelConfig, free_bytes: int, seq_len: int, dtype
     is memory / (2 · L · d_model · bytes): does that count sequences or tokens, and which
     number does it use in the wrong place (Llama-3-8B: d_model 4096, but 8 KV heads of 128)?
     Return a Python int, 0 when not even one sequence fits.
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize  # K and V, every layer
     return free_bytes // (seq_len * per_token)
@@ -64,6 +66,8 @@ def layers_doubled_throughput_ratio(cfg: ModelConfig, hw: Hardware, free_bytes: 
     Does its throughput halve? Its step reads twice the layers' weights for half as many
     sequences. Derive when the ratio is near 1/2 and when it falls towards 1/4. The deeper
     model fits at least one sequence in the tests.
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     def tokens_per_s(c: ModelConfig) -> float:
         batch = max_batch_from_memory(c, free_bytes, seq_len + 1, dtype)

@@ -114,6 +114,8 @@ def rope_decode_flops(cfg: ModelConfig, batch: int, rotary_dim: int | None = Non
     heads, or once for all positions; do not count them. Which vectors are rotated at a
     decode step with a cache: the new token's queries and keys, or the cached ones too?
     Check: Llama-3-8B (32 layers, 32 query heads, 8 KV heads, head dim 128), batch 1.
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     r = cfg.head_dim if rotary_dim is None else rotary_dim
     return 3 * r * (cfg.n_heads + cfg.n_kv_heads) * cfg.n_layers * batch

@@ -39,6 +39,8 @@ def decode_attention_intensity(cfg: ModelConfig, dtype: torch.dtype) -> float:
     For any batch, any context length T and any layer of `cfg` (`cfg.n_heads` query heads,
     `cfg.n_kv_heads` KV heads, `cfg.head_dim`), the cache held in `dtype`. Which of batch, T and
     head_dim survive in the ratio? Check: Llama-3-8B (32 query heads over 8 KV heads) in bf16.
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     G = cfg.n_heads // cfg.n_kv_heads  # query heads per KV head
     # Per sequence and KV head: 2·G·T·D (q·kᵀ) + 2·G·T·D (p·v) FLOPs over 2·T·D elements of K and V.
@@ -54,6 +56,8 @@ def queries_to_reach_ridge(cfg: ModelConfig, hw: Hardware, dtype: torch.dtype) -
     module docstring says) are at least `hw.ridge_point(dtype)` (peak FLOP/s over bytes/s), the
     cache and the matmuls both in `dtype`. Check: Llama-2-70B (64 query heads over 8 KV heads) on
     an H100 in bf16.
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     per_query = 2 * (cfg.n_heads // cfg.n_kv_heads) / dtype.itemsize  # FLOP/B that each query token adds
     return max(1, math.ceil(hw.ridge_point(dtype) / per_query))

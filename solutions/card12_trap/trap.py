@@ -33,6 +33,8 @@ def static_capacity_rps(kv_budget_tokens: int, max_seq_len: int, output_len: int
     its reservation); every step takes `step_time` seconds whatever the batch. Requests are
     plentiful: whenever a slot frees up, one is waiting. How many requests run at once (can a
     fraction of a request run?), and how many steps does each one occupy?
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     concurrent = kv_budget_tokens // max_seq_len  # whole reservations only
     return concurrent / (output_len * step_time)  # each request is in output_len steps
@@ -46,6 +48,8 @@ def mean_in_system(arrivals: list[float], departures: list[float], horizon: floa
     may still be in the system at the horizon (departures[i] > horizon). The time average is
     (1 / horizon) · ∫ N(t) dt over [0, horizon], N(t) the number in the system at time t. Is
     there a way to compute the integral without building N(t)?
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     # A request's stay clipped to [0, horizon]: nothing when it arrives after the horizon.
     area = sum(min(d, horizon) - min(a, horizon) for a, d in zip(arrivals, departures))

@@ -34,6 +34,8 @@ def prefix_block_keys(token_ids: list[int], block_size: int) -> list[bytes]:
     block i's own token ids, e.g. with `hashlib.sha256` (the first block's parent is any fixed
     bytes). A partly filled last block gets no key. Why is hashing block i's tokens alone wrong?
     (Two prompts [1, 2, 3, 4] and [9, 9, 3, 4] in blocks of 2.)
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     keys, parent = [], b"root"
     for i in range(len(token_ids) // block_size):
@@ -52,6 +54,8 @@ def prefix_sharing_saved_bytes(cfg: ModelConfig, n_requests: int, prompt_len: in
     held once. Count the bytes in every layer, for K and V, in `dtype`. Which blocks of the
     prompt can be shared, and how many copies of each are still needed? (100 requests, a
     1,000-token prompt, blocks of 16: is block 62 shared?)
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     shared_blocks = prompt_len // block_size
     block_bytes = 2 * cfg.n_layers * block_size * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize
@@ -66,6 +70,8 @@ def parallel_sampling_blocks(prompt_len: int, n_samples: int, new_tokens: int, b
     (copy-on-write); one that is alone on a block writes in place. How many distinct blocks are
     held once every sample has its `new_tokens`? (Prompt 20, blocks of 16, 4 samples, 1 token
     each: is it 2 blocks, 5, or 8?)
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     full, rest = divmod(prompt_len, block_size)
     if new_tokens == 0:
@@ -79,6 +85,8 @@ def prompt_block_refcounts(prompt_len: int, n_samples: int, new_tokens: int, blo
     Same scenario: the prompt's blocks, in order, were shared by all `n_samples` samples; then
     every sample appended `new_tokens` tokens, copying a shared partly filled block before
     writing into it. How many samples still point at each of the original blocks?
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     full, rest = divmod(prompt_len, block_size)
     counts = [n_samples] * full
@@ -93,6 +101,8 @@ def layer_transfer_seconds(cfg: ModelConfig, batch: int, seq_len: int, dtype: to
 
     The cache is offloaded to CPU memory (or disk) and streamed back layer by layer. How many
     bytes does one layer hold? (Llama-2-7B, bf16, one 4,096-token sequence, 64 GB/s.)
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     return 2 * batch * seq_len * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize / link_bytes_per_s
 
@@ -105,5 +115,7 @@ def offloaded_step_seconds(n_layers: int, compute_s: float, transfer_s: float) -
     copy of layer l + 1 overlaps the compute of layer l (two buffers). Nothing is prefetched
     before the step starts. When does a layer's transfer hide completely behind compute, and what
     is exposed then? And when it does not?
+
+    Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
     return transfer_s + (n_layers - 1) * max(compute_s, transfer_s) + compute_s
