@@ -28,6 +28,7 @@ def card_tests(run, card):
 
 # --- fails on the stubs, as TODOs; passes on the solutions --------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("card", CARDS, ids=CARD_IDS)
 def test_every_kata_test_fails_on_its_stub_as_a_todo(learner_run, card):
     tests = card_tests(learner_run, card)
@@ -44,6 +45,7 @@ def _gpu_only_skip(nodeid: str, row: dict) -> bool:
     return row["outcome"] == "skipped" and "on_a_cuda_device" in nodeid and not torch.cuda.is_available()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("card", CARDS, ids=CARD_IDS)
 def test_every_kata_test_passes_on_its_solution(interviewer_run, learner_run, card):
     tests = card_tests(interviewer_run, card)
@@ -65,6 +67,7 @@ def test_every_test_in_the_suite_belongs_to_a_kata(kata_collection):
     assert not orphans, f"tests without @pytest.mark.kata(...) or outside a card directory: {orphans}"
 
 
+@pytest.mark.slow
 def test_the_runs_attribute_every_test_to_the_card_and_kata_the_collection_does(kata_collection, interviewer_run,
                                                                                learner_run):
     """What the fast tier proves from one in-process collection holds for the real runs: the same tests,
@@ -148,6 +151,7 @@ def test_no_test_name_holds_another_katas_name(kata_collection):
 
 # --- what a learner sees -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_learner_run_ends_on_one_todo_line_per_kata_and_the_board(learner_run):
     assert learner_run.returncode == 1, learner_run.output[-3000:]
     assert "kvkata: learner mode" in learner_run.output
@@ -164,6 +168,7 @@ def test_learner_run_ends_on_one_todo_line_per_kata_and_the_board(learner_run):
     assert "kvkata progress" in tail and "next: fill in" in tail, "the board comes after the TODO lines"
 
 
+@pytest.mark.slow
 def test_interviewer_mode_passes_and_prints_every_cards_notes(interviewer_run):
     assert interviewer_run.returncode == 0, interviewer_run.output[-3000:]
     assert "kvkata: interviewer mode" in interviewer_run.output
@@ -182,6 +187,7 @@ def test_the_environment_variable_chooses_the_mode_like_the_flag():
 STUB_FIRST_SECONDS = 1.0
 
 
+@pytest.mark.slow
 def test_on_fresh_stubs_no_kata_test_takes_more_than_a_second(learner_run):
     """The stub is called first: a stub fails before any process launch, model build or FLOP count.
     Test time is the setup, call and teardown of each test as pytest timed them in the shared learner run
@@ -276,6 +282,7 @@ def _stub(project: Path, card_index: int) -> Path:
     return project / "katas" / card.dir / f"{card.katas[0].module}.py"
 
 
+@pytest.mark.slow
 def test_a_stub_that_does_not_import_fails_only_its_own_card(project_copy):
     broken, other = CARDS[1], CARDS[0]
     _stub(project_copy, 1).write_text(_stub(project_copy, 1).read_text() + "\ndef broken(:\n")
@@ -292,6 +299,7 @@ def test_a_stub_that_does_not_import_fails_only_its_own_card(project_copy):
     assert re.search(rf"{broken.id}\s+{re.escape(broken.title)}\s+does not import", run.output)
 
 
+@pytest.mark.slow
 def test_kvkata_shows_a_card_that_does_not_import_and_exits_nonzero(project_copy):
     broken = CARDS[1]
     _stub(project_copy, 1).write_text(_stub(project_copy, 1).read_text() + "\ndef broken(:\n")
@@ -302,6 +310,7 @@ def test_kvkata_shows_a_card_that_does_not_import_and_exits_nonzero(project_copy
     assert f"{broken.id} does not import: katas/{broken.dir}/" in proc.stdout, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_a_missing_kata_module_fails_its_card_naming_the_file(project_copy):
     card = CARDS[0]
     _stub(project_copy, 0).unlink()
@@ -312,6 +321,7 @@ def test_a_missing_kata_module_fails_its_card_naming_the_file(project_copy):
     assert not any(r["outcome"] == "passed" for r in run.tests.values())
 
 
+@pytest.mark.slow
 def test_a_hanging_kata_costs_one_timeout(project_copy):
     _edit(project_copy / "katas" / "card00_cache_contract" / "cache.py", 'raise NotImplementedError("prefill:',
           'while True:\n        pass\n    raise NotImplementedError("prefill:')
@@ -328,6 +338,7 @@ def test_a_hanging_kata_costs_one_timeout(project_copy):
                    for line in lines) == len(prefill) - 1
 
 
+@pytest.mark.slow
 def test_a_formula_kata_that_measures_instead_of_deriving_is_refused(project_copy):
     formula = next(k for k in manifest.all_katas() if k.formula)
     stub = project_copy / "katas" / formula.dir / f"{formula.module}.py"
@@ -343,6 +354,7 @@ def test_a_formula_kata_that_measures_instead_of_deriving_is_refused(project_cop
     assert {r["outcome"] for r in run.tests.values()} == {"failed"}
 
 
+@pytest.mark.slow
 def test_a_right_value_of_the_wrong_type_gets_a_learners_message(project_copy):
     card01 = manifest.card("card01")
     stub = project_copy / "katas" / card01.dir / "redundancy.py"
@@ -357,6 +369,7 @@ def test_a_right_value_of_the_wrong_type_gets_a_learners_message(project_copy):
         run.output[-2000:]
 
 
+@pytest.mark.slow
 def test_an_exception_in_the_learners_code_is_reported_in_a_few_lines(project_copy):
     # Off by one: the decode token at T + 1. kvref's cache refuses the gap; its message comes first.
     _edit(project_copy / "katas" / "card00_cache_contract" / "cache.py", 'raise NotImplementedError("decode_step:',
@@ -370,6 +383,7 @@ def test_an_exception_in_the_learners_code_is_reported_in_a_few_lines(project_co
     assert not re.search(r"ModelConfig\([^)]*\n", run.output), "a configuration prints on one line"
 
 
+@pytest.mark.slow
 def test_running_pytest_inside_a_cards_folder_runs_that_card_and_prints_the_board(project_copy):
     card = CARDS[0]
     env = {k: v for k, v in __import__("os").environ.items() if k not in ("KVKATA_MODE", "PYTEST_ADDOPTS")}
@@ -380,6 +394,7 @@ def test_running_pytest_inside_a_cards_folder_runs_that_card_and_prints_the_boar
     assert not any(f"TODO {c.id} " in proc.stdout for c in CARDS if c is not card)
 
 
+@pytest.mark.slow
 def test_the_board_counts_a_kata_solved_only_when_all_its_tests_ran(project_copy):
     card = CARDS[0]
     for module in {k.module for k in card.katas}:
@@ -395,6 +410,7 @@ def test_the_board_counts_a_kata_solved_only_when_all_its_tests_ran(project_copy
     assert re.search(rf"{card.id}\s+.*\[#\.+\] 1/{len(card.katas)} katas solved", run.output), run.output[-2000:]
 
 
+@pytest.mark.slow
 def test_a_wrong_answer_says_what_was_called_returned_and_expected_and_where(project_copy):
     # A plausible wrong answer: repeat (a b a b) instead of repeat_interleave (a a b b).
     _edit(project_copy / "katas" / "card00_cache_contract" / "cache.py", 'raise NotImplementedError("repeat_kv:',
