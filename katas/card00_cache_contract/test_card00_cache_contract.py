@@ -506,9 +506,16 @@ def test_static_cache_rolled_back_in_a_model_gives_the_logits_of_the_new_sequenc
         r = data.draw(st.integers(0, p + n - 3), label="re-fed position") if data else 2
         token = (ids[:, r:r + 1] + 1) % cfg.vocab_size  # (B, 1): a different token at position r
         ids = torch.cat([ids[:, :r], token], dim=1)  # the new sequence, positions 0 .. r
-        for step in range(2):  # re-feed position r, then one cached step after it
-            where = f"model(ids, tensor([{r + step}]), caches) after {p + n - 1} cached and a rollback to {r}"
-            got = model(ids[:, -1:], torch.tensor([r + step]), caches)[:, -1]
+        # Re-feed position r (the stale keys past it stay in the buffers: the mask hides them),
+        # then a decode step, which takes its position from seq_len: r + 1 after the rollback.
+        for step in range(2):
+            if step == 0:
+                where = f"model(ids, tensor([{r}]), caches) after {p + n - 1} cached (a rollback to {r})"
+                got = model(ids[:, -1:], torch.tensor([r]), caches)[:, -1]
+            else:
+                where = (f"Transformer.decode_step after {p + n - 1} cached and a rollback to {r}: it feeds position "
+                         f"caches[0].seq_len, which should be {r + 1}")
+                got = REF_DECODE_STEP(model, ids[:, -1:], caches)
             expect_close(where, got, model(ids)[:, -1], ("batch", "vocab"), 1e-4, 1e-4, "[B, V]")
             ids = torch.cat([ids, got.argmax(-1, keepdim=True)], dim=1)
 
