@@ -130,16 +130,20 @@ def test_static_cache_writes_each_entry_at_its_own_position_in_any_order(s, data
             f"input_pos {pos.tolist()}: entry i belongs in slot input_pos[i]"
 
 
-def test_static_cache_updates_on_the_meta_device_where_no_value_can_be_read():
+def test_a_static_cache_step_runs_on_the_meta_device_where_no_value_can_be_read():
     """A meta tensor has a shape and no values: any read of a position (int(), .item(), a comparison
-    turned into a bool, a slice bound) raises, so an update that runs there reads none."""
+    turned into a bool, a slice bound) raises, so a step that runs there reads none: the update,
+    and the attention masked by position over the whole buffers (4 query heads on 2 KV heads)."""
     cache = StaticKVCache(2, 2, MAX_SEQ_LEN, 4, device="meta")
     with pytest.raises((RuntimeError, NotImplementedError)):
         int(torch.tensor([3], device="meta").max())  # what a host read of a meta position does
     for pos in ([0, 1, 2, 3], [4], [3, 2]):  # a prompt, a decode step, a rewrite of a rejected draft
         k, v = torch.zeros(2, 2, len(pos), 4, device="meta"), torch.zeros(2, 2, len(pos), 4, device="meta")
-        got_k, got_v = cache.update(torch.tensor(pos, device="meta"), k, v)
+        input_pos = torch.tensor(pos, device="meta")
+        got_k, got_v = cache.update(input_pos, k, v)
         assert got_k.shape == got_v.shape == (2, 2, MAX_SEQ_LEN, 4)
+        q = torch.zeros(2, 4, len(pos), 4, device="meta")  # (B, H, S, D)
+        assert attention(q, got_k, got_v, input_pos=input_pos).shape == (2, 4, len(pos), 4)
 
 
 @given(s=CACHE_SHAPES, lens=CHUNK_LENS, slack=st.integers(1, 3), H_per_kv=st.integers(1, 3))
@@ -302,3 +306,14 @@ def test_static_cache_rejects_sizes_below_one_naming_the_size(name):
     sizes = dict(batch=1, n_kv_heads=2, max_seq_len=8, head_dim=4) | {name: 0}
     with pytest.raises(ValueError, match=f"{name} must be a positive int, got 0"):
         StaticKVCache(**sizes)
+
+
+@pytest.mark.parametrize("input_pos, error, message", [
+    pytest.param(torch.tensor([3, 4, 5]), ValueError, re.escape("input_pos must be [S] = [2], got shape [3]"), id="not-S"),
+    pytest.param(torch.tensor([3.0, 4.0]), TypeError, "input_pos must hold integer positions, got dtype torch.float32",
+                 id="float"),
+])
+def test_attention_over_a_static_cache_rejects_positions_that_do_not_fit_the_queries(input_pos, error, message):
+    q, k = torch.zeros(1, 2, 2, 4), torch.zeros(1, 2, MAX_SEQ_LEN, 4)  # (B, H, S, D), (B, Hkv, Tmax, D)
+    with pytest.raises(error, match=message):
+        attention(q, k, k, input_pos=input_pos)
