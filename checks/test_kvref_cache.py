@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 
 from kvref.attention import attention
 from kvref.cache import GrowingKVCache, StaticKVCache
+from kvref.config import ModelConfig
+from kvref.model import build_model
 
 KINDS = ("growing", "static")
 CACHE_SHAPES = st.fixed_dictionaries(dict(B=st.integers(1, 3), Hkv=st.integers(1, 3), D=st.sampled_from([2, 4, 8])))
@@ -317,3 +319,15 @@ def test_attention_over_a_static_cache_rejects_positions_that_do_not_fit_the_que
     q, k = torch.zeros(1, 2, 2, 4), torch.zeros(1, 2, MAX_SEQ_LEN, 4)  # (B, H, S, D), (B, Hkv, Tmax, D)
     with pytest.raises(error, match=message):
         attention(q, k, k, input_pos=input_pos)
+
+
+def test_a_windowed_model_refuses_a_static_cache_longer_than_its_window_and_runs_one_within_it():
+    # The model checks the shape it attends over, never a position's value: no sync, and meta-safe.
+    cfg = ModelConfig(vocab_size=64, n_layers=1, d_model=16, n_heads=4, n_kv_heads=2, head_dim=4, d_ff=32,
+                      max_seq_len=64, sliding_window=4)
+    model, ids = build_model(cfg), torch.arange(3)[None, :]  # (1, 3)
+    with pytest.raises(ValueError, match="5 cache slots exceed this model's window of 4"):
+        model.prefill(ids, model.new_caches("static", 1, 5))
+    with torch.no_grad():
+        got = model.prefill(ids, model.new_caches("static", 1, 4))
+        torch.testing.assert_close(got, model(ids)[:, -1], rtol=1e-5, atol=1e-5)

@@ -65,12 +65,10 @@ class Attention(nn.Module):
             # input_pos lets each query read the slots up to its own position only.
             k, v = cache.update(input_pos, k, v)
         W = self.cfg.sliding_window
-        if W:
-            # A check for windowed configs only: it reads the last position back to the host.
-            span = k.shape[2] if cache is None else int(input_pos.max()) + 1
-            if span > W:
-                raise ValueError(f"kvref's attention has no sliding window: {span} positions exceed this model's "
-                                 f"window of {W} (kvref.roofline costs a windowed model past it)")
+        if W and k.shape[2] > W:  # from the shape alone: a static cache longer than the window is refused too
+            what = "cache slots" if isinstance(cache, StaticKVCache) else "positions"
+            raise ValueError(f"kvref's attention has no sliding window: {k.shape[2]} {what} exceed this model's "
+                             f"window of {W} (kvref.roofline costs a windowed model past it)")
         y = attention(q, k, v, None if cache is None else input_pos)  # (B, H, S, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, H * D))
 
