@@ -36,7 +36,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.T
     from the positions. Scale scores by 1 / sqrt(D) and softmax over the keys. Returns
     `[B, H, S, D]`. (S = T is a prompt; S = 1 is a decode step.)
     """
-    raise NotImplementedError("attend: scores, a causal mask from the query positions, softmax, weighted sum (about 9 lines)")
+    raise NotImplementedError("attend: scores, a causal mask from the query positions, softmax, weighted sum (about 10 lines)")
 
 
 class GrowingKVCache:
