@@ -2,9 +2,15 @@
 
 Causal attention with grouped KV heads (MHA, GQA, MQA), written out in full.
 
-Shapes: q `[B, H, S, D]` holds the S newest positions; k and v `[B, Hkv, T, D]` hold all T
-positions the queries may see, the last S of which are the queries' own. Query head h
-reads KV head h // G, where G = H // Hkv (MHA: G = 1; MQA: Hkv = 1).
+Shapes: q `[B, H, S, D]` holds S new positions; k and v `[B, Hkv, T, D]` hold T slots, slot j
+holding position j. Without `input_pos`, the queries are the last S of the T positions (a
+prompt, a chunk, or a decode step over a growing cache). With `input_pos` `[S]`, query i sits
+at position input_pos[i], in any order, and k and v may be a static cache's whole buffers
+(T = max_seq_len): slots past a query's position hold zeros never written or stale keys of a
+rolled-back draft, and the mask, built from the positions, hides them. This is how gpt-fast
+(`mask = causal_mask[None, None, input_pos]`) and transformers' StaticCache attend over a
+buffer whose shape never changes. Query head h reads KV head h // G, where G = H // Hkv
+(MHA: G = 1; MQA: Hkv = 1).
 """
 
 from __future__ import annotations
@@ -35,8 +41,25 @@ def causal_mask(s: int, t: int, device=None) -> torch.Tensor:
     return k_pos <= q_pos  # (S, T)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal softmax attention of the S newest positions over all T cached ones."""
+def position_mask(input_pos: torch.Tensor, t: int) -> torch.Tensor:
+    """`[S, T]` booleans, True where the query at position input_pos[i] may read slot j: j <= input_pos[i].
+
+    Built on the positions' device from their values, without reading them back to the host.
+    """
+    check_tensor("input_pos", input_pos, ndim=1, layout="[S]")
+    if input_pos.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"input_pos must hold integer positions, got dtype {input_pos.dtype}")
+    k_pos = torch.arange(t, device=input_pos.device)[None, :]  # (1, T): slot j holds position j
+    return k_pos <= input_pos[:, None]  # (S, T)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal softmax attention of S new queries over T key slots.
+
+    Without `input_pos`: the queries are the last S of the T positions. With `input_pos` `[S]`:
+    query i sits at position input_pos[i] and reads slots 0 .. input_pos[i] only, so k and v
+    may be a static cache's whole buffers.
+    """
     check_tensor("q", q, ndim=4)
     B, H, S, D = q.shape
     check_tensor("k", k, shape=(B, None, None, D), dtype=q.dtype, device=q.device)
@@ -44,8 +67,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     check_tensor("v", v, shape=(B, Hkv, T, D), dtype=q.dtype, device=q.device)
     if H % Hkv != 0:
         raise ValueError(f"query heads ({H}) must be a multiple of KV heads ({Hkv})")
+    if input_pos is None:
+        allowed = causal_mask(S, T, q.device)  # (S, T)
+    else:
+        check_tensor("input_pos", input_pos, shape=(S,), device=q.device, layout="[S]")
+        allowed = position_mask(input_pos, T)  # (S, T)
     k, v = repeat_kv(k, H), repeat_kv(v, H)  # (B, H, T, D)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(D)  # (B, H, S, T)
-    scores = scores.masked_fill(~causal_mask(S, T, q.device), float("-inf"))
+    # masked_fill, not an added -inf: a masked slot's weight is exactly 0 whatever its score.
+    scores = scores.masked_fill(~allowed, float("-inf"))
     # torch.softmax subtracts each row's maximum before exp: scores reach the hundreds, exp(89) overflows fp32.
     return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v  # (B, H, S, D)

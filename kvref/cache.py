@@ -3,18 +3,21 @@
 The KV cache of one attention layer, in the two forms serving engines use.
 
 Layout everywhere: `[B, Hkv, T, D]` (batch, KV heads, cached positions, head dim).
-Both forms keep the same contract: `update(input_pos, k_new, v_new)` stores the S new
-keys and values at absolute positions `input_pos` and returns all keys and values the new
-queries may read, `[B, Hkv, T, D]`; `seq_len` is T. After `update(input_pos, ...)`,
-T = int(input_pos.max()) + 1, the last position written + 1, so writing at an earlier
-position rolls the cache back (as after a rejected speculative draft): a query at position p
-must not read stale keys past p. A position past T would leave a gap and is refused.
-Only K and V are stored; a query is used once, by its own step, and never again.
+Both forms store the S new keys and values at absolute positions `input_pos` with
+`update(input_pos, k_new, v_new)` and return keys and values whose slot j holds position j;
+`seq_len` is T, the last position written + 1, so writing at an earlier position rolls the
+cache back (as after a rejected speculative draft). Only K and V are stored; a query is used
+once, by its own step, and never again.
 
-- `GrowingKVCache` concatenates: simple, but each step reallocates (what Hugging Face's
-  DynamicCache does).
-- `StaticKVCache` preallocates `max_seq_len` positions and writes by position (what
-  gpt-fast and CUDA-graph engines do): fixed shapes, no reallocation.
+- `GrowingKVCache` concatenates and returns exactly the T positions cached: simple, but each
+  step reallocates and the shape changes every step (what Hugging Face's DynamicCache does).
+- `StaticKVCache` preallocates `max_seq_len` slots, writes by position and returns its whole
+  buffers, `[B, Hkv, max_seq_len, D]`, the same tensors at every step, reading no value back
+  to the host (what gpt-fast's KVCache and transformers' StaticCache do). A CUDA graph replays
+  recorded kernels on fixed shapes and fixed addresses and cannot stop for the CPU: a prefix
+  whose length depends on the positions, or an `int(input_pos.max())`, could not be captured.
+  Slots past a query's position hold zeros or stale keys; the attention hides them with a mask
+  built from the positions (`kvref.attention.attention(q, k, v, input_pos)`).
 """
 
 from __future__ import annotations
@@ -65,11 +68,16 @@ class GrowingKVCache:
 
 
 class StaticKVCache:
-    """A preallocated cache of `max_seq_len` positions, written in place by position.
+    """A preallocated cache of `max_seq_len` slots, written in place by position.
 
-    After `update(input_pos, ...)`, `seq_len` = int(input_pos.max()) + 1, the last position
-    written + 1, so writing at an earlier position rolls the cache back (as after a rejected
-    speculative draft): a query at position p must not read stale keys past p.
+    `update(input_pos, k_new, v_new)` writes entry i at slot input_pos[i] (positions in any
+    order) and returns the whole buffers `k`, `v`, `[B, Hkv, max_seq_len, D]`: the shape does
+    not depend on the positions, and nothing in `update` reads a tensor's value back to the host.
+    `seq_len`, the last position written + 1, is kept as a tensor where the positions live and
+    read (with a sync) only when asked: a graph-captured decode loop keeps its own position.
+    Positions on the CPU are checked (in range, no gap after the cached ones): reading them
+    costs no device sync. Positions on an accelerator are trusted, as gpt-fast and transformers
+    trust them: checking them would stop the device for the host.
     """
 
     def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
@@ -79,23 +87,41 @@ class StaticKVCache:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         shape = (batch, n_kv_heads, max_seq_len, head_dim)  # (B, Hkv, Tmax, D)
+        # Zeros, not torch.empty: a masked slot gets weight exactly 0, and 0 x NaN would still be NaN.
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.seq_len = 0  # positions 0 .. seq_len - 1 hold real keys
+        self.end: torch.Tensor | None = None  # 0-d: the last position written + 1; None before any write
+
+    @property
+    def seq_len(self) -> int:
+        """The last position written + 1 (0 before any write). Reading it syncs with the device."""
+        return 0 if self.end is None else int(self.end)
 
     def update(self, input_pos: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor):
         _check_update(self, input_pos, k_new, v_new)
-        if input_pos.numel() == 0:
-            return self.k[:, :, : self.seq_len], self.v[:, :, : self.seq_len]
         max_seq_len = self.k.shape[2]
-        if int(input_pos.min()) < 0 or int(input_pos.max()) >= max_seq_len:
-            raise ValueError(f"input_pos must lie in [0, {max_seq_len}), got {input_pos.tolist()}")
-        first, last = int(input_pos.min()), int(input_pos.max())
-        if first > self.seq_len or not torch.isin(torch.arange(first, last + 1, device=input_pos.device), input_pos).all():
-            raise ValueError(f"input_pos {input_pos.tolist()} leaves a gap after the {self.seq_len} cached positions")
-        self.k[:, :, input_pos] = k_new
-        self.v[:, :, input_pos] = v_new
+        if k_new.shape[2] > max_seq_len:
+            raise ValueError(f"{k_new.shape[2]} new positions do not fit a cache of {max_seq_len}")
+        if input_pos.device.type == "cpu" and (self.end is None or self.end.device.type == "cpu"):
+            _check_positions(input_pos, self.seq_len, max_seq_len)
+        if input_pos.numel() == 0:
+            return self.k, self.v
+        self.k.index_copy_(2, input_pos, k_new)  # entry i into slot input_pos[i], in any order
+        self.v.index_copy_(2, input_pos, v_new)
         # The last position written + 1, not a running maximum: writing at an earlier position
         # rolls the cache back, and what lies past it is no longer part of the sequence.
-        self.seq_len = last + 1
-        return self.k[:, :, : self.seq_len], self.v[:, :, : self.seq_len]  # (B, Hkv, T, D)
+        self.end = input_pos.max() + 1  # a tensor on the positions' device: never read here
+        return self.k, self.v  # (B, Hkv, Tmax, D): the same tensors, the same shape, at every step
+
+
+def _check_positions(input_pos: torch.Tensor, cached: int, max_seq_len: int) -> None:
+    """Positions in range that leave no gap after the `cached` ones (CPU positions: no sync)."""
+    if input_pos.numel() == 0:
+        return
+    first, last = int(input_pos.min()), int(input_pos.max())
+    if first < 0 or last >= max_seq_len:
+        raise ValueError(f"input_pos must lie in [0, {max_seq_len}), got {input_pos.tolist()}")
+    if first > cached or not torch.isin(torch.arange(first, last + 1), input_pos).all():
+        raise ValueError(f"input_pos {input_pos.tolist()} leaves a gap after the {cached} cached positions")
+    if torch.unique(input_pos).numel() != input_pos.numel():
+        raise ValueError(f"input_pos {input_pos.tolist()} writes a position twice")

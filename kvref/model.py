@@ -8,8 +8,9 @@ window rather than attend past it).
 Module names follow Hugging Face's LlamaForCausalLM (`q_proj`, `k_proj`, ...) so that its
 weights can be copied across and the two compared. The same `forward` runs with or without
 a cache: without one, every position is computed from scratch; with one (a list holding a
-cache per layer), each layer stores its new K/V at `input_pos` and its queries read
-everything the cache returns.
+cache per layer), each layer stores its new K/V at `input_pos` and each query reads the slots
+the cache returns up to its own position (a mask built from `input_pos`: a static cache
+returns its whole buffers, slots not yet written included).
 """
 
 from __future__ import annotations
@@ -59,12 +60,16 @@ class Attention(nn.Module):
         # Keys are rotated once, by their absolute position, before they are cached.
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(input_pos, k, v)  # (B, Hkv, T, D)
+            # (B, Hkv, T, D): T cached positions (a growing cache) or max_seq_len slots (a static
+            # cache's whole buffers); either way slot j holds position j, and the mask built from
+            # input_pos lets each query read the slots up to its own position only.
+            k, v = cache.update(input_pos, k, v)
         W = self.cfg.sliding_window
-        if W and k.shape[2] > W:
-            raise ValueError(f"kvref's attention has no sliding window: {k.shape[2]} positions exceed this model's "
+        if W and k.shape[2] > W:  # from the shape alone: a static cache longer than the window is refused too
+            what = "cache slots" if isinstance(cache, StaticKVCache) else "positions"
+            raise ValueError(f"kvref's attention has no sliding window: {k.shape[2]} {what} exceed this model's "
                              f"window of {W} (kvref.roofline costs a windowed model past it)")
-        y = attention(q, k, v)  # (B, H, S, D)
+        y = attention(q, k, v, None if cache is None else input_pos)  # (B, H, S, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, H * D))
 
 

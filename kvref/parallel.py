@@ -184,7 +184,7 @@ class TPAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(input_pos, k, v)  # (B, Hkv_r, T, D): only this rank's KV heads
-        y = attention(q, k, v)  # (B, H/tp, S, D)
+        y = attention(q, k, v, None if cache is None else input_pos)  # (B, H/tp, S, D): masked by position
         partial = y.transpose(1, 2).reshape(B, S, H * D) @ self.o_w.T  # (B, S, d): this rank's share
         dist.all_reduce(partial, group=self.group)  # the sum over ranks is the full o_proj output
         return partial

@@ -3,8 +3,9 @@
 checks/test_alternatives.py puts this module in place of the solution in a scratch copy of the
 project and requires every card00 test to pass: the tests must accept any design that meets the
 docstrings, not only the one the solution chose. Here the growing cache keeps lists of chunks
-and exposes `k` and `v` as properties; the static cache writes with `index_copy_`; `repeat_kv`
-expands a view and reshapes; `attend` writes its (stable) softmax by hand.
+and exposes `k` and `v` as properties; the static cache writes with `index_copy_` and computes
+its length only when asked; `repeat_kv` expands a view and reshapes; `attend` adds a float mask
+and writes its (stable) softmax by hand.
 
 Shapes: B batch, H query heads, Hkv KV heads, G = H // Hkv, S new tokens, T cached length,
 D head dim. The cache layout is `[B, Hkv, T, D]`.
@@ -28,19 +29,26 @@ def repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x[:, :, None].expand(B, Hkv, G, T, D).reshape(B, n_heads, T, D)  # (B, H, T, D)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention of S new queries `[B, H, S, D]` over T cached keys and values `[B, Hkv, T, D]`.
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of S new queries `[B, H, S, D]` over T key slots `[B, Hkv, T, D]`.
 
-    The queries are the last S of the T positions: query i sits at position T - S + i and may
-    read keys 0 .. T - S + i, never a later one. Scale scores by 1 / sqrt(D) and softmax over
-    the keys. Returns `[B, H, S, D]`. (S = T is a prompt; S = 1 is a decode step.)
+    Slot j holds position j. Without `input_pos`, the queries are the last S of the T
+    positions: query i sits at position T - S + i. With `input_pos` `[S]`, query i sits at
+    position input_pos[i] (in any order), and k, v may be a static cache's whole buffers
+    (T = max_seq_len) whose slots past the queries hold zeros never written or stale keys.
+    Either way query i may read slots 0 .. its own position, never a later one: build the mask
+    from the positions. Scale scores by 1 / sqrt(D) and softmax over the keys. Returns
+    `[B, H, S, D]`. (S = T is a prompt; S = 1 is a decode step.)
     """
     # The softmax written out by hand, stable because each row's maximum is subtracted first.
     B, H, S, D = q.shape
     T = k.shape[2]
     scores = torch.einsum("bhsd,bhtd->bhst", q, repeat_kv(k, H)) * D ** -0.5  # (B, H, S, T)
-    allowed = torch.ones(S, T, dtype=torch.bool, device=q.device).tril(diagonal=T - S)  # (S, T)
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    # An additive mask, 0 where allowed and the dtype's most negative number elsewhere (what
+    # Hugging Face's eager attention adds), built from the positions the queries sit at.
+    q_pos = torch.arange(T - S, T, device=q.device) if input_pos is None else input_pos  # (S,)
+    allowed = torch.arange(T, device=q.device)[None, :] <= q_pos[:, None]  # (S, T)
+    scores = scores + torch.zeros(S, T, device=q.device).masked_fill(~allowed, torch.finfo(scores.dtype).min)
     weights = (scores - scores.amax(dim=-1, keepdim=True)).exp()
     weights = weights / weights.sum(dim=-1, keepdim=True)
     return torch.einsum("bhst,bhtd->bhsd", weights, repeat_kv(v, H))  # (B, H, S, D)
@@ -83,27 +91,37 @@ class StaticKVCache:
     """One layer's cache preallocated for `max_seq_len` positions, written in place by position.
 
     `k`, `v` are `[batch, n_kv_heads, max_seq_len, head_dim]` zeros of `dtype`, allocated once.
-    `update(input_pos, k_new, v_new)` writes the S new entries at positions `input_pos` and
-    returns the filled prefix `[B, Hkv, T, D]`; `seq_len` is T (0 before any write).
-    After `update(input_pos, ...)`, T = int(input_pos.max()) + 1, the last position written + 1,
-    so writing at an earlier position rolls the cache back (as after a rejected speculative
-    draft): a query at position p must not read stale keys past p.
-    Nothing is reallocated, so shapes stay fixed: CUDA graphs need that (and so does
-    torch.compile's "reduce-overhead" mode, which records them).
+    `update(input_pos, k_new, v_new)` writes the S new entries `[B, Hkv, S, D]`, entry i into
+    slot input_pos[i] (positions may come in any order), and returns the whole buffers `k`, `v`:
+    the same shape at every step, whatever the positions. The attention, not the cache, hides
+    the slots a query must not read, with a mask built from the positions (`attend`'s input_pos).
+    `update` never reads a tensor's value back to the host (no `.item()`, `int(t)`, `if t`,
+    `.tolist()`): a CUDA graph replays recorded GPU work on fixed shapes without running your
+    Python, so neither a shape nor a branch may depend on the positions' values (the same holds
+    for torch.compile's "reduce-overhead" mode, which records CUDA graphs).
+    `seq_len` is T, the last position written + 1 (0 before any write), so writing at an
+    earlier position rolls the cache back (as after a rejected speculative draft). Keep it as a
+    tensor in `update`; reading `seq_len` may convert it (the host asks between steps).
     """
 
-    # Written with index_copy_ along the sequence axis instead of advanced-index assignment.
+    # Written with index_copy_ along the sequence axis instead of advanced-index assignment, and
+    # the length kept lazily: update stores the positions it was given (a tensor, never read
+    # there), and seq_len computes the last one + 1 when the host asks.
     def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32) -> None:
         shape = (batch, n_kv_heads, max_seq_len, head_dim)  # (B, Hkv, Tmax, D)
         self.k, self.v = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
-        self.seq_len = 0
+        self._last_written: torch.Tensor | None = None  # (S,) the positions of the last update
+
+    @property
+    def seq_len(self) -> int:
+        return 0 if self._last_written is None else int(self._last_written.max()) + 1
 
     def update(self, input_pos: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor):
-        self.k.index_copy_(2, input_pos, k_new)  # (B, Hkv, S, D) into positions input_pos
+        self.k.index_copy_(2, input_pos, k_new)  # (B, Hkv, S, D): entry i into slot input_pos[i]
         self.v.index_copy_(2, input_pos, v_new)
-        self.seq_len = int(input_pos.max()) + 1
-        return self.k.narrow(2, 0, self.seq_len), self.v.narrow(2, 0, self.seq_len)  # (B, Hkv, T, D)
+        self._last_written = input_pos
+        return self.k, self.v  # (B, Hkv, Tmax, D)
 
 
 def prefill(model, ids: torch.Tensor, caches: list) -> torch.Tensor:

@@ -25,14 +25,18 @@ def repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     raise NotImplementedError("repeat_kv: give query head h the KV head it reads (about 2 lines)")
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention of S new queries `[B, H, S, D]` over T cached keys and values `[B, Hkv, T, D]`.
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of S new queries `[B, H, S, D]` over T key slots `[B, Hkv, T, D]`.
 
-    The queries are the last S of the T positions: query i sits at position T - S + i and may
-    read keys 0 .. T - S + i, never a later one. Scale scores by 1 / sqrt(D) and softmax over
-    the keys. Returns `[B, H, S, D]`. (S = T is a prompt; S = 1 is a decode step.)
+    Slot j holds position j. Without `input_pos`, the queries are the last S of the T
+    positions: query i sits at position T - S + i. With `input_pos` `[S]`, query i sits at
+    position input_pos[i] (in any order), and k, v may be a static cache's whole buffers
+    (T = max_seq_len) whose slots past the queries hold zeros never written or stale keys.
+    Either way query i may read slots 0 .. its own position, never a later one: build the mask
+    from the positions. Scale scores by 1 / sqrt(D) and softmax over the keys. Returns
+    `[B, H, S, D]`. (S = T is a prompt; S = 1 is a decode step.)
     """
-    raise NotImplementedError("attend: scores, causal mask for the last S positions, softmax, weighted sum (about 8 lines)")
+    raise NotImplementedError("attend: scores, a causal mask from the query positions, softmax, weighted sum (about 10 lines)")
 
 
 class GrowingKVCache:
@@ -59,21 +63,30 @@ class StaticKVCache:
     """One layer's cache preallocated for `max_seq_len` positions, written in place by position.
 
     `k`, `v` are `[batch, n_kv_heads, max_seq_len, head_dim]` zeros of `dtype`, allocated once.
-    `update(input_pos, k_new, v_new)` writes the S new entries at positions `input_pos` and
-    returns the filled prefix `[B, Hkv, T, D]`; `seq_len` is T (0 before any write).
-    After `update(input_pos, ...)`, T = int(input_pos.max()) + 1, the last position written + 1,
-    so writing at an earlier position rolls the cache back (as after a rejected speculative
-    draft): a query at position p must not read stale keys past p.
-    Nothing is reallocated, so shapes stay fixed: CUDA graphs need that (and so does
-    torch.compile's "reduce-overhead" mode, which records them).
+    `update(input_pos, k_new, v_new)` writes the S new entries `[B, Hkv, S, D]`, entry i into
+    slot input_pos[i] (positions may come in any order), and returns the whole buffers `k`, `v`:
+    the same shape at every step, whatever the positions. The attention, not the cache, hides
+    the slots a query must not read, with a mask built from the positions (`attend`'s input_pos).
+    `update` never reads a tensor's value back to the host (no `.item()`, `int(t)`, `if t`,
+    `.tolist()`): a CUDA graph replays recorded GPU work on fixed shapes without running your
+    Python, so neither a shape nor a branch may depend on the positions' values (the same holds
+    for torch.compile's "reduce-overhead" mode, which records CUDA graphs).
+    `seq_len` is T, the last position written + 1 (0 before any write), so writing at an
+    earlier position rolls the cache back (as after a rejected speculative draft). Keep it as a
+    tensor in `update`; reading `seq_len` may convert it (the host asks between steps).
     """
 
     def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32) -> None:
         raise NotImplementedError("StaticKVCache: allocate K and V once for max_seq_len positions (about 3 lines)")
 
+    @property
+    def seq_len(self) -> int:
+        raise NotImplementedError("StaticKVCache.seq_len: the last position written + 1, as an int (1 line)")
+
     def update(self, input_pos: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor):
-        raise NotImplementedError("StaticKVCache.update: write at input_pos, return the filled prefix (about 4 lines)")
+        raise NotImplementedError("StaticKVCache.update: write at input_pos, keep the length as a tensor, "
+                                  "return the whole buffers (about 4 lines)")
 
 
 def prefill(model, ids: torch.Tensor, caches: list) -> torch.Tensor:

@@ -9,9 +9,17 @@ The explicit examples reach the edges that a handful of random draws may miss: G
 1 < Hkv < H (where repeat and repeat_interleave differ), 8 query heads per KV head
 (Llama-2-70B's group), head dims that are not powers of two (6, 80, 96), batch 4, and a
 decode of 32 steps.
+
+The static cache is held to what CUDA-graph engines need (gpt-fast's KVCache, transformers'
+StaticCache): `update` returns the whole buffers, the same shape at every step, and reads no
+tensor value back to the host. On the CPU there is no device to wait for, so the tests refuse
+the operations that would wait on a GPU: they watch every torch call `update` makes (a
+TorchFunctionMode for `.item()`, `int()`, `bool()`, `.tolist()`, ..., a TorchDispatchMode for
+the kernels whose result size or Python value depends on the data, such as `nonzero`).
 """
 
 import contextlib
+import traceback
 
 import pytest
 import torch
@@ -20,12 +28,15 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import kvkata
-from kvkata.check import call_str, expect, expect_close, expect_equal, expect_tensor, expect_tensor_equal, plural
+from kvkata.check import (Mismatch, call_str, expect, expect_close, expect_equal, expect_tensor, expect_tensor_equal,
+                          plural)
 from kvref.cache import GrowingKVCache as RefGrowingKVCache
 from kvref.config import ModelConfig
 from kvref.model import Transformer, build_model
 from kvref.strategies import attention_shapes, model_configs
 from kvref.weight_quant import quantize_weights_int8, weight_bytes
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 impl = kvkata.load("card00_cache_contract.cache")
 
@@ -187,6 +198,30 @@ def test_attend_stays_exact_when_scores_reach_the_hundreds(s):
     expect_close(call, impl.attend(q, k, v), want, BHTD, LOUD_TOL, LOUD_TOL, LAYOUT)
 
 
+# Slots past the queries' positions in the tests below: stale values this loud (finite: a masked
+# slot's weight is exactly 0, and 0 x inf would be NaN whatever the mask) make any read of them plain.
+STALE = 1e4
+
+
+@pytest.mark.kata("attend")
+@given(s=attention_shapes(), stale=st.integers(1, 4), data=st.data())
+@example(s=dict(B=1, H=2, Hkv=1, T=5, S=3, D=4), stale=3, data=None)  # queries at positions [4, 2, 3]
+@example(s=dict(B=2, H=16, Hkv=2, T=6, S=1, D=6), stale=2, data=None)  # a decode step over a static buffer
+def test_attend_over_a_static_buffer_masks_by_the_query_positions(s, stale, data):
+    B, H, Hkv, T, S, D = s["B"], s["H"], s["Hkv"], s["T"], s["S"], s["D"]
+    # The queries are the last S of T positions, given in some order; T + stale slots, the last `stale` stale.
+    order = data.draw(st.permutations(range(S)), label="query order") if data else [S - 1, *range(S - 1)]
+    input_pos = torch.tensor(order) + (T - S)  # (S,)
+    q, k, v = random_qkv(s)
+    k_buf = torch.cat([k, rand(B, Hkv, stale, D, seed=7)], dim=2)  # (B, Hkv, T + stale, D)
+    v_buf = torch.cat([v, torch.full((B, Hkv, stale, D), STALE)], dim=2)
+    allowed = torch.arange(T)[None, :] <= input_pos[:, None]  # (S, T): slot j holds position j
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+    call = (call_str("attend", q, k_buf, v_buf, input_pos=input_pos)
+            + f" (slots {T} .. {T + stale - 1} hold stale values of {STALE:g}: no query may read them)")
+    expect_close(call, impl.attend(q, k_buf, v_buf, input_pos), want, BHTD, ATOL, RTOL, LAYOUT)
+
+
 # --- the growing cache ------------------------------------------------------------------
 
 @pytest.mark.kata("GrowingKVCache")
@@ -311,6 +346,61 @@ def garbage_in_fresh_memory():
         torch.Tensor.new_empty = saved_new
 
 
+class HostRead(Exception):
+    """The code under test asked for a tensor's value on the host."""
+
+
+# What each Python-level read of a tensor's value looks like in the code.
+HOST_READ_CALLS = {
+    "item": "t.item()", "tolist": "t.tolist()", "numpy": "t.numpy()", "cpu": "t.cpu()",
+    "__bool__": "bool(t), `if t` or `while t` on a tensor", "__int__": "int(t)", "__float__": "float(t)",
+    "__index__": "a tensor used as a Python int (a slice bound, range(t), a size)",
+}
+# Kernels that hand a Python value back, or whose output size depends on the data: on a GPU
+# each one waits for the device. (The Python-level reads above all end in _local_scalar_dense.)
+HOST_READ_KERNELS = {
+    "aten._local_scalar_dense": "a tensor's value converted to a Python number",
+    "aten.equal": "torch.equal (it returns a Python bool)", "aten.is_nonzero": "bool(t)",
+    "aten.nonzero": "nonzero (how many it returns depends on the values)",
+    "aten.masked_select": "masked_select (its size depends on the values)",
+    "aten._unique2": "torch.unique", "aten.unique_dim": "torch.unique", "aten.unique_consecutive": "torch.unique_consecutive",
+}
+
+
+def _where_in_the_kata() -> str:
+    """The line of the learner's cache.py that made the read, if it is on the stack."""
+    frames = [f for f in traceback.extract_stack() if f.filename.replace("\\", "/").endswith("card00_cache_contract/cache.py")]
+    return f" at cache.py line {frames[-1].lineno}: `{frames[-1].line}`" if frames else ""
+
+
+class _RefuseHostReadCalls(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in HOST_READ_CALLS:
+            raise HostRead(HOST_READ_CALLS[name] + _where_in_the_kata())
+        return func(*args, **(kwargs or {}))
+
+
+class _RefuseHostReadKernels(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name in HOST_READ_KERNELS:
+            raise HostRead(f"{HOST_READ_KERNELS[name]} ({name})" + _where_in_the_kata())
+        if name in ("aten.index", "aten.index_put", "aten.index_put_"):
+            indices = args[1] if len(args) > 1 else []
+            if any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices or []):
+                raise HostRead(f"indexing with a boolean mask (how many it selects depends on the values) ({name})"
+                               + _where_in_the_kata())
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def host_reads_refused():
+    """Every torch call inside fails with HostRead if it would need a tensor's value on the host."""
+    with _RefuseHostReadCalls(), _RefuseHostReadKernels():
+        yield
+
+
 @pytest.mark.kata("StaticKVCache")
 @given(s=attention_shapes(), extra=st.integers(0, 3), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
 def test_static_cache_writes_by_position_into_one_allocation(s, extra, dtype):
@@ -329,14 +419,57 @@ def test_static_cache_writes_by_position_into_one_allocation(s, extra, dtype):
         k, v = cache.update(pos, k_all[:, :, pos], v_all[:, :, pos])
         end = int(pos[-1]) + 1
         ucall = call_str("StaticKVCache.update", pos, k_all[:, :, pos], v_all[:, :, pos])
-        expect_tensor_equal(ucall + " -> k", k, k_all[:, :, :end], BHTD, "[B, Hkv, T, D]")
-        expect_tensor_equal(ucall + " -> v", v, v_all[:, :, :end], BHTD, "[B, Hkv, T, D]")
+        for name, got in (("k", k), ("v", v)):
+            expect(isinstance(got, torch.Tensor) and got.shape == (B, Hkv, max_len, D)
+                   and got.data_ptr() == getattr(cache, name).data_ptr(), f"{ucall} -> {name}", got,
+                   f"the whole buffer {name} [B, Hkv, max_seq_len, D] = {[B, Hkv, max_len, D]}, the same shape at every "
+                   "step: a prefix whose length follows the positions changes shape, which a CUDA graph cannot replay "
+                   "(the attention masks the slots past each query)")
+        expect_tensor_equal(ucall + f" -> k[:, :, :{end}]", k[:, :, :end], k_all[:, :, :end], BHTD, "[B, Hkv, T, D]")
+        expect_tensor_equal(ucall + f" -> v[:, :, :{end}]", v[:, :, :end], v_all[:, :, :end], BHTD, "[B, Hkv, T, D]")
         expect_equal(ucall + "; then seq_len", cache.seq_len, end)
     expect_equal("StaticKVCache.k.data_ptr() after updates", cache.k.data_ptr(), ptr,
                  "the same storage: a static cache never reallocates")
     expect_tensor_equal(f"StaticKVCache.k[:, :, {T + 1}:], the positions never written (position 0 below is {T + 1}), "
-                        "zeros since the constructor", cache.k[:, :, T + 1:],
+                        "zeros since the constructor (a masked slot's weight is 0, and 0 x NaN is NaN)", cache.k[:, :, T + 1:],
                         torch.zeros(B, Hkv, extra, D, dtype=dtype), BHTD)
+
+
+@pytest.mark.kata("StaticKVCache")
+@given(s=attention_shapes(), data=st.data())
+@example(s=dict(B=1, H=2, Hkv=2, T=4, S=4, D=4), data=None)  # a prompt written as [2, 0, 3, 1], then [5, 4]
+def test_static_cache_writes_positions_given_in_any_order(s, data):
+    B, Hkv, T, D = s["B"], s["Hkv"], s["T"], s["D"]
+    prompt = data.draw(st.permutations(range(T)), label="prompt positions") if data else [2, 0, 3, 1]
+    chunk = data.draw(st.permutations(range(T, T + 2)), label="chunk positions") if data else [T + 1, T]
+    cache = impl.StaticKVCache(B, Hkv, T + 2, D)
+    k_all, v_all = rand(B, Hkv, T + 2, D, seed=1), rand(B, Hkv, T + 2, D, seed=2)  # position j's K and V
+    for pos in (torch.tensor(prompt), torch.tensor(chunk)):
+        k, v = cache.update(pos, k_all[:, :, pos], v_all[:, :, pos])
+        end = int(pos.max()) + 1
+        ucall = call_str("StaticKVCache.update", pos, k_all[:, :, pos], v_all[:, :, pos])
+        why = f"entry i in slot input_pos[i] (here {pos.tolist()}), not one slice in the order given"
+        expect_tensor_equal(ucall + f" -> k[:, :, :{end}] ({why})", k[:, :, :end], k_all[:, :, :end], BHTD, "[B, Hkv, T, D]")
+        expect_tensor_equal(ucall + f" -> v[:, :, :{end}] ({why})", v[:, :, :end], v_all[:, :, :end], BHTD, "[B, Hkv, T, D]")
+        expect_equal(ucall + "; then seq_len", cache.seq_len, end, "the last position written + 1")
+
+
+@pytest.mark.kata("StaticKVCache")
+def test_static_cache_update_reads_no_tensor_value_back_to_the_host():
+    """A prompt, a decode step and a rollback, each `update` watched for reads of a tensor's value."""
+    B, Hkv, T, D = 2, 2, 5, 4
+    cache = impl.StaticKVCache(B, Hkv, T + 2, D)
+    for pos in (torch.arange(T), torch.tensor([T]), torch.tensor([3, 2])):  # the last: a rejected draft's rewrite
+        k_new, v_new = rand(B, Hkv, len(pos), D, seed=int(pos[0])), rand(B, Hkv, len(pos), D, seed=int(pos[0]) + 9)
+        call = call_str("StaticKVCache.update", pos, k_new, v_new)
+        try:
+            with host_reads_refused():
+                cache.update(pos, k_new, v_new)
+        except HostRead as read:
+            raise Mismatch(f"called {call}: it read a tensor's value back to the host: {read}; expected no such read in "
+                           "update. On a GPU each one waits for the device, which a CUDA graph cannot capture: index with "
+                           "the positions tensor itself (k[:, :, input_pos] = k_new), keep the length a tensor "
+                           "(input_pos.max() + 1) and convert it only when seq_len is read") from None
 
 
 @pytest.mark.kata("StaticKVCache")
@@ -354,8 +487,10 @@ def test_static_cache_rewriting_earlier_positions_rolls_back_to_the_last_one_wri
     call = call_str("StaticKVCache.update", pos, k_new, v_new) + f" after positions 0 .. {T - 1} were written"
     why = "the last position written + 1: a rewrite rolls back what followed it"
     expect_equal(call + "; then seq_len", cache.seq_len, j + m, why)
-    expect_tensor_equal(call + " -> k", k, torch.cat([k_old[:, :, :j], k_new], dim=2), BHTD, "[B, Hkv, T, D]")
-    expect_tensor_equal(call + " -> v", v, torch.cat([v_old[:, :, :j], v_new], dim=2), BHTD, "[B, Hkv, T, D]")
+    expect_tensor_equal(call + f" -> k[:, :, :{j + m}]", k[:, :, :j + m], torch.cat([k_old[:, :, :j], k_new], dim=2),
+                        BHTD, "[B, Hkv, T, D]")
+    expect_tensor_equal(call + f" -> v[:, :, :{j + m}]", v[:, :, :j + m], torch.cat([v_old[:, :, :j], v_new], dim=2),
+                        BHTD, "[B, Hkv, T, D]")
 
 
 @pytest.mark.kata("StaticKVCache")
@@ -370,9 +505,16 @@ def test_static_cache_rolled_back_in_a_model_gives_the_logits_of_the_new_sequenc
         r = data.draw(st.integers(0, p + n - 3), label="re-fed position") if data else 2
         token = (ids[:, r:r + 1] + 1) % cfg.vocab_size  # (B, 1): a different token at position r
         ids = torch.cat([ids[:, :r], token], dim=1)  # the new sequence, positions 0 .. r
-        for step in range(2):  # re-feed position r, then one cached step after it
-            where = f"model(ids, tensor([{r + step}]), caches) after {p + n - 1} cached and a rollback to {r}"
-            got = model(ids[:, -1:], torch.tensor([r + step]), caches)[:, -1]
+        # Re-feed position r (the stale keys past it stay in the buffers: the mask hides them),
+        # then a decode step, which takes its position from seq_len: r + 1 after the rollback.
+        for step in range(2):
+            if step == 0:
+                where = f"model(ids, tensor([{r}]), caches) after {p + n - 1} cached (a rollback to {r})"
+                got = model(ids[:, -1:], torch.tensor([r]), caches)[:, -1]
+            else:
+                where = (f"Transformer.decode_step after {p + n - 1} cached and a rollback to {r}: it feeds position "
+                         f"caches[0].seq_len, which should be {r + 1}")
+                got = REF_DECODE_STEP(model, ids[:, -1:], caches)
             expect_close(where, got, model(ids)[:, -1], ("batch", "vocab"), 1e-4, 1e-4, "[B, V]")
             ids = torch.cat([ids, got.argmax(-1, keepdim=True)], dim=1)
 

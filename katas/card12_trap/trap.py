@@ -1,11 +1,14 @@
 """card12: the interview trap.
 
-"Can a KV cache ever lower throughput?" Per token, no: reading a token's K and V is far cheaper
-than recomputing them (card02). Per server, it can: the cache occupies memory, and memory caps
-how many requests run at once. A server that reserves `max_seq_len` cache slots for every
-request it admits (a static cache, as engines did before paged attention) holds most of those
-slots empty, runs few requests per step, and once requests arrive faster than that small batch
-completes them, the queue, and each request's wait, grows without bound.
+"Can the way a server holds its KV cache lower its throughput?" Per token, caching wins:
+reading a token's K and V is far cheaper than recomputing them (card02). Per server, the cache
+occupies memory, and memory caps how many requests run at once. A server that reserves
+`max_seq_len` cache slots for every request it admits (a static cache, as engines did before
+paged attention) holds most of those slots empty, runs few requests per step, and completes
+fewer requests per second than the same memory allocated on demand in blocks (paged); once
+requests arrive faster than that small batch completes them, the queue, and each request's
+wait, grows without bound. Both servers cache: whether a server with no cache at all could
+serve more is another question, which this card does not measure.
 
 The model here is a serving simulator with iteration-level batching: at every step the
 scheduler admits waiting requests first come, first served while their memory fits, runs one

@@ -28,20 +28,26 @@ def repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x.repeat_interleave(G, dim=1)  # (B, H, T, D): heads hG .. hG+G-1 <- KV head h
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention of S new queries `[B, H, S, D]` over T cached keys and values `[B, Hkv, T, D]`.
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of S new queries `[B, H, S, D]` over T key slots `[B, Hkv, T, D]`.
 
-    The queries are the last S of the T positions: query i sits at position T - S + i and may
-    read keys 0 .. T - S + i, never a later one. Scale scores by 1 / sqrt(D) and softmax over
-    the keys. Returns `[B, H, S, D]`. (S = T is a prompt; S = 1 is a decode step.)
+    Slot j holds position j. Without `input_pos`, the queries are the last S of the T
+    positions: query i sits at position T - S + i. With `input_pos` `[S]`, query i sits at
+    position input_pos[i] (in any order), and k, v may be a static cache's whole buffers
+    (T = max_seq_len) whose slots past the queries hold zeros never written or stale keys.
+    Either way query i may read slots 0 .. its own position, never a later one: build the mask
+    from the positions. Scale scores by 1 / sqrt(D) and softmax over the keys. Returns
+    `[B, H, S, D]`. (S = T is a prompt; S = 1 is a decode step.)
     """
     H, S, D = q.shape[1], q.shape[2], q.shape[3]
     T = k.shape[2]
     k, v = repeat_kv(k, H), repeat_kv(v, H)  # (B, H, T, D)
     scores = q @ k.transpose(-2, -1) / math.sqrt(D)  # (B, H, S, T)
-    q_pos = torch.arange(T - S, T, device=q.device)[:, None]  # (S, 1)
-    k_pos = torch.arange(T, device=q.device)[None, :]  # (1, T)
-    scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+    if input_pos is None:
+        input_pos = torch.arange(T - S, T, device=q.device)  # the last S of the T positions
+    q_pos = input_pos[:, None]  # (S, 1): where each query sits
+    k_pos = torch.arange(T, device=q.device)[None, :]  # (1, T): slot j holds position j
+    scores = scores.masked_fill(k_pos > q_pos, float("-inf"))  # a later slot: not yet, or stale
     return torch.softmax(scores, dim=-1) @ v  # (B, H, S, D)
 
 
@@ -75,26 +81,34 @@ class StaticKVCache:
     """One layer's cache preallocated for `max_seq_len` positions, written in place by position.
 
     `k`, `v` are `[batch, n_kv_heads, max_seq_len, head_dim]` zeros of `dtype`, allocated once.
-    `update(input_pos, k_new, v_new)` writes the S new entries at positions `input_pos` and
-    returns the filled prefix `[B, Hkv, T, D]`; `seq_len` is T (0 before any write).
-    After `update(input_pos, ...)`, T = int(input_pos.max()) + 1, the last position written + 1,
-    so writing at an earlier position rolls the cache back (as after a rejected speculative
-    draft): a query at position p must not read stale keys past p.
-    Nothing is reallocated, so shapes stay fixed: CUDA graphs need that (and so does
-    torch.compile's "reduce-overhead" mode, which records them).
+    `update(input_pos, k_new, v_new)` writes the S new entries `[B, Hkv, S, D]`, entry i into
+    slot input_pos[i] (positions may come in any order), and returns the whole buffers `k`, `v`:
+    the same shape at every step, whatever the positions. The attention, not the cache, hides
+    the slots a query must not read, with a mask built from the positions (`attend`'s input_pos).
+    `update` never reads a tensor's value back to the host (no `.item()`, `int(t)`, `if t`,
+    `.tolist()`): a CUDA graph replays recorded GPU work on fixed shapes without running your
+    Python, so neither a shape nor a branch may depend on the positions' values (the same holds
+    for torch.compile's "reduce-overhead" mode, which records CUDA graphs).
+    `seq_len` is T, the last position written + 1 (0 before any write), so writing at an
+    earlier position rolls the cache back (as after a rejected speculative draft). Keep it as a
+    tensor in `update`; reading `seq_len` may convert it (the host asks between steps).
     """
 
     def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32) -> None:
         self.k = torch.zeros(batch, n_kv_heads, max_seq_len, head_dim, dtype=dtype)
         self.v = torch.zeros(batch, n_kv_heads, max_seq_len, head_dim, dtype=dtype)
-        self.seq_len = 0
+        self.end = None  # the last position written + 1, as a tensor; None before any write
+
+    @property
+    def seq_len(self) -> int:
+        return 0 if self.end is None else int(self.end)  # the host reads it between steps, not in update
 
     def update(self, input_pos: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor):
-        self.k[:, :, input_pos] = k_new  # (B, Hkv, S, D) into positions input_pos
+        self.k[:, :, input_pos] = k_new  # (B, Hkv, S, D): entry i into slot input_pos[i]
         self.v[:, :, input_pos] = v_new
-        self.seq_len = int(input_pos.max()) + 1  # the last position written ends the sequence
-        return self.k[:, :, : self.seq_len], self.v[:, :, : self.seq_len]  # (B, Hkv, T, D)
+        self.end = input_pos.max() + 1  # the last position written ends the sequence; stays a tensor
+        return self.k, self.v  # (B, Hkv, max_seq_len, D): the same shape at every step
 
 
 def prefill(model, ids: torch.Tensor, caches: list) -> torch.Tensor:
