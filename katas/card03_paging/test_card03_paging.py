@@ -288,15 +288,17 @@ def test_paged_table_kata_forgets_a_freed_sequence_and_can_allocate_its_id_again
     held = mine.allocate("a", 5)  # 2 blocks
     mine.allocate("b", 4)  # 1 block
     mine.free("a")
-    expect_equal("num_free_blocks after free('a')", mine.num_free_blocks, 3, "a's 2 blocks back on the free list, b's held")
+    expect_equal("num_free_blocks after free('a')", mine.num_free_blocks, 3,
+                 "a's 2 blocks back on the free list, b's held")
     for what, op in (("block_table('a')", lambda: mine.block_table("a")), ("append('a')", lambda: mine.append("a")),
                      ("free('a')", lambda: mine.free("a"))):
         try:
             got = op()
         except KeyError:
             continue
+        twice = " (a second free would give its blocks back twice)" if what.startswith("free") else ""
         raise Mismatch(f"called {what} after free('a'): returned {got!r}; expected KeyError: a freed sequence is gone "
-                       f"(delete its table and length, not only return its blocks{' (a second free would give them back twice)' if what.startswith('free') else ''})")
+                       f"(delete its table and length, not only return its blocks){twice}")
     expect_equal("num_free_blocks after the calls on a freed sequence", mine.num_free_blocks, 3,
                  "3: no block returned twice, none taken")
     again = mine.allocate("a", 12)  # 3 blocks: every free block, a's old ones included

@@ -255,7 +255,8 @@ def test_gqa_decode_kernel_in_float16_keeps_scores_and_sums_in_float32_over_many
     of the two emulated kernels, float32 and float16, computed here."""
     B, Hkv, G, D, T, block_n = 2, 1, 2, 16, 512, 32
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(B, G, D, generator=g) * 0.5, torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    q = torch.randn(B, G, D, generator=g) * 0.5
+    k, v = torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
     v[0] += 32.0  # a common offset in the values
     q[1, :, 0], k[1, :, :, 0] = 40.0, 20.0  # a common offset in the scores: 40 · 20 / sqrt(16) = 200
     q, k, v = q.half().to(DEVICE), k.half().to(DEVICE), v.half().to(DEVICE)
@@ -269,7 +270,8 @@ def test_gqa_decode_kernel_in_float16_keeps_scores_and_sums_in_float32_over_many
         exact = sdpa(q[b:b + 1].float(), k[b:b + 1].float(), v[b:b + 1].float(), sl[b:b + 1].cpu())[0]  # (G, D)
         err32 = (emulated_split(q[b:b + 1], k[b:b + 1], v[b:b + 1], block_n) - exact).abs().max().item()
         err16 = (emulated_split(q[b:b + 1], k[b:b + 1], v[b:b + 1], block_n, **wrong) - exact).abs().max().item()
-        assert err16 > 30 * err32, f"kvkata maintainers: sequence {b} no longer tells float16 from float32 ({err16:.2e} vs {err32:.2e})"
+        assert err16 > 30 * err32, (f"kvkata maintainers: sequence {b} no longer tells float16 from float32 "
+                                    f"({err16:.2e} vs {err32:.2e})")
         tol = math.sqrt(err32 * err16)  # the geometric mean: a factor sqrt(err16 / err32) from each
         expect_close(f"{call}, sequence {b} ({what.split(':')[0]}) -> part_out", part_out[b, :, 0].cpu(), exact,
                      ("head", "dim"), atol=tol, rtol=0,
