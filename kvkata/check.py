@@ -91,8 +91,28 @@ def _type_mistake(call: str, got: object, expected: object, why: str) -> str | N
     return f"called {call}: returned {shown} of type {type(got).__name__}: {hint}; {value}"
 
 
+def _element_mistake(call: str, got: object, expected: object, why: str) -> str | None:
+    """The first element of a list, tuple or dict answer of the wrong type, at any depth.
+
+    `[tensor(3), tensor(5)] == [3, 5]` is True in Python (each 0-d tensor compares equal to its int),
+    so equality alone would pass a list of tensors where the kata asks for Python ints.
+    """
+    if isinstance(expected, (list, tuple)) and isinstance(got, (list, tuple)) and len(got) == len(expected):
+        pairs = [(f"[{i}]", g, e) for i, (g, e) in enumerate(zip(got, expected))]
+    elif isinstance(expected, dict) and isinstance(got, dict) and got.keys() == expected.keys():
+        pairs = [(f"[{k!r}]", got[k], e) for k, e in expected.items()]
+    else:
+        return None
+    for where, g, e in pairs:
+        mistake = _type_mistake(call + where, g, e, why) or _element_mistake(call + where, g, e, why)
+        if mistake:
+            return mistake
+    return None
+
+
 def expect_equal(call: str, got: object, expected: object, why: str = "") -> None:
-    """`got` must equal `expected` and be of its Python type (an int answer must be an int, not a tensor)."""
+    """`got` must equal `expected` and be of its Python type (an int answer must be an int, not a tensor),
+    and so must every element of a list, tuple or dict answer."""
     if isinstance(expected, torch.Tensor):
         raise TypeError("kvkata maintainers: use expect_close or expect_tensor_equal to compare tensors")
     mistake = _type_mistake(call, got, expected, why)
@@ -101,6 +121,9 @@ def expect_equal(call: str, got: object, expected: object, why: str = "") -> Non
     if got != expected:
         tail = f" ({why})" if why else ""
         raise Mismatch(f"called {call}: returned {got!r}; expected {expected!r}{tail}")
+    mistake = _element_mistake(call, got, expected, why)
+    if mistake:
+        raise Mismatch(mistake)
 
 
 def expect_real(call: str, got: object, want: float, rel: float = 1e-9, abs: float = 0.0, why: str = "") -> None:

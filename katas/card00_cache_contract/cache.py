@@ -44,7 +44,8 @@ class GrowingKVCache:
 
     `update(input_pos, k_new, v_new)` receives the S new keys and values `[B, Hkv, S, D]` for
     absolute positions `input_pos` `[S]` (always the next S positions), stores them after the
-    cached ones, and returns all keys and values so far, `[B, Hkv, T + S, D]`.
+    cached ones, and returns all keys and values so far, `[B, Hkv, T + S, D]`, in the dtype they came
+    in (they may be the cache's own `k` and `v`, not copies: a caller reads them, never writes).
     `seq_len` is T, the number of cached positions.
     """
 

@@ -137,6 +137,16 @@ def test_attention_over_repeated_kv_matches_sdpa_with_enable_gqa(s):
     expect_close(f"sdpa(q, repeat_kv(k, {s['H']}), repeat_kv(v, {s['H']}))", got, want, BHTD, ATOL, RTOL)
 
 
+@pytest.mark.kata("repeat_kv")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_repeat_kv_of_half_precision_keys_keeps_their_dtype(dtype):
+    x = rand(2, 2, 3, 4, seed=4).to(dtype)
+    got = impl.repeat_kv(x, 6)
+    call = call_str("repeat_kv", x, n_heads=6)
+    expect_tensor(call, got, (2, 6, 3, 4), dtype, layout=LAYOUT + " in x's dtype: copies of the KV heads")
+    expect_tensor_equal(call, got, x.repeat_interleave(3, dim=1), BHTD, LAYOUT)
+
+
 # --- attention of the new queries over the cache ------------------------------------------
 
 @pytest.mark.kata("attend")
@@ -240,6 +250,23 @@ def test_growing_cache_update_returns_everything_cached_in_order(s, chunks):
         expect_tensor_equal(call + " -> k", k, torch.cat(ks, dim=2), BHTD, "[B, Hkv, T, D]")
         expect_tensor_equal(call + " -> v", v, torch.cat(vs, dim=2), BHTD, "[B, Hkv, T, D]")
         expect_equal(call + "; then seq_len", cache.seq_len, t)
+
+
+@pytest.mark.kata("GrowingKVCache")
+def test_growing_cache_of_bf16_keys_stores_and_returns_them_in_bf16():
+    """K/V come in the activation dtype (bf16 in most serving): the cache stores exactly what it is given."""
+    cache = impl.GrowingKVCache()
+    ks = [rand(2, 2, n, 4, seed=10 + n).bfloat16() for n in (3, 1)]
+    vs = [rand(2, 2, n, 4, seed=20 + n).bfloat16() for n in (3, 1)]
+    t = 0
+    for k_new, v_new in zip(ks, vs):
+        n = k_new.shape[2]
+        call = call_str("GrowingKVCache.update", torch.arange(t, t + n), k_new, v_new) + f" after {t} cached"
+        k, v = cache.update(torch.arange(t, t + n), k_new, v_new)
+        t += n
+        want_k, want_v = torch.cat(ks, dim=2)[:, :, :t], torch.cat(vs, dim=2)[:, :, :t]
+        expect_tensor_equal(call + " -> k", k, want_k, BHTD, "[B, Hkv, T, D] in bf16, as given")
+        expect_tensor_equal(call + " -> v", v, want_v, BHTD, "[B, Hkv, T, D] in bf16, as given")
 
 
 @pytest.mark.kata("GrowingKVCache")

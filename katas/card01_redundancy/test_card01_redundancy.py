@@ -16,7 +16,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import kvkata
-from kvkata.check import call_str, expect_equal, expect_real, plural
+from kvkata.check import call_str, expect, expect_equal, expect_real, plural
 from kvref.config import ModelConfig, preset
 from kvref.measure import (flops_of, forward_flops_measured, generation_flops_measured, kv_rows_of_generation,
                            kv_rows_per_forward, step_flops_measured)
@@ -150,6 +150,20 @@ def test_redundant_fraction_is_what_a_cache_saves_at_each_pass(cfg, batch, p, n)
         expect_real(call_str("redundant_fraction", p, step), g, want, rel=1e-12, abs=1e-12,
                     why=f"pass {step} projected {u.k_rows} K rows without a cache and {c.k_rows} with one "
                         f"(counted by hooks, {plural(cfg.n_layers, 'layer')} x {plural(batch, 'sequence')})")
+
+
+@pytest.mark.kata("redundant_fraction")
+def test_redundant_fraction_is_a_float_at_every_pass_the_prompts_included():
+    """Pass 0 (the prompt's) has nothing redundant: 0.0, a float like every other pass's answer, not the int 0."""
+    got = [impl.redundant_fraction(4, step) for step in range(3)]
+    model, prompt = build_model(GQA), prompt_ids(GQA, 1, 4)
+    uncached = kv_rows_per_forward(model, prompt, 3, use_cache=False)
+    cached = kv_rows_per_forward(model, prompt, 3, use_cache=True)
+    for step, (g, u, c) in enumerate(zip(got, uncached, cached)):
+        call = call_str("redundant_fraction", 4, step)
+        expect_real(call, g, 1 - c.k_rows / u.k_rows, rel=1e-12, abs=1e-12,
+                    why=f"pass {step} projected {u.k_rows} K rows without a cache and {c.k_rows} with one")
+        expect(isinstance(g, float), call, g, "a Python float, as the docstring asks (0.0 at pass 0, not the int 0)")
 
 
 # --- FLOPs ---------------------------------------------------------------------------------------

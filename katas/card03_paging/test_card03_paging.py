@@ -17,7 +17,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import kvkata
-from kvkata.check import call_str, expect, expect_equal, expect_real, plural
+from kvkata.check import Mismatch, call_str, expect, expect_equal, expect_real, plural
 from kvref.config import PRESETS, preset
 from kvref.paging import BlockAllocator, OutOfBlocks, block_nbytes_measured, paged_waste_measured, static_waste_measured
 
@@ -214,6 +214,99 @@ def test_paged_table_kata_worked_example_70_tokens_in_blocks_of_16():
            f"blocks not held by 'a' ({table})")
     mine.free("a")
     expect_equal("num_free_blocks after free('a')", mine.num_free_blocks, 6, "b's 2 blocks held, 6 free")
+
+
+# --- PagedBlockTable: pinned scenarios for what random draws rarely reach (issue 21) ---------------
+# The kata profile draws 15 examples: a refused append at a block boundary, a caller changing a
+# returned table, or a lookup after free may not come up. Each scenario below is fixed.
+
+def expect_int_table(call: str, table, n_blocks: int) -> None:
+    """A block table is a list of Python ints (a list of 0-d tensors compares equal to one)."""
+    expect(isinstance(table, list) and len(table) == n_blocks, call, table, f"a list of {plural(n_blocks, 'block')}")
+    for i, b in enumerate(table):
+        expect(type(b) is int, f"{call}[{i}]", b, f"a Python int block id, not a {type(b).__name__}: int(b) "
+               "if the free list holds tensors")
+
+
+@pytest.mark.kata("PagedBlockTable")
+def test_paged_table_kata_returns_tables_the_caller_may_change_without_touching_the_allocator():
+    mine = impl.PagedBlockTable(4, 2)
+    table = mine.allocate("a", 3)  # 2 blocks of 2 slots
+    expect_int_table("allocate('a', 3)", table, 2)
+    kept = list(table)
+    table.append(99), table.reverse()  # the caller's list now: changing it must not change the allocator's
+    expect_equal("block_table('a') after the caller changed the list allocate('a', 3) returned",
+                 mine.block_table("a"), kept, "the table as allocated: return a copy (list(...)), not the list you keep")
+    looked_up = mine.block_table("a")
+    expect_int_table("block_table('a')", looked_up, 2)
+    looked_up.clear()
+    expect_equal("block_table('a') after the caller cleared the list block_table('a') returned",
+                 mine.block_table("a"), kept, "the table as allocated: return a copy (list(...)), not the list you keep")
+    slot = mine.append("a")  # position 3: the second slot of block kept[1]
+    expect_equal("append('a') at position 3", slot, kept[1] * 2 + 1,
+                 f"block_table[3 // 2] · 2 + 3 % 2 with the table {kept}: the caller's changes did not reach it")
+
+
+@pytest.mark.kata("PagedBlockTable")
+def test_paged_table_kata_refused_append_changes_nothing_and_append_works_after_a_free():
+    mine = impl.PagedBlockTable(3, 2)
+    mine.allocate("a", 4)  # 2 full blocks
+    mine.allocate("b", 2)  # the last block, full
+    before = mine.block_table("a")
+    for attempt in (1, 2):  # refused twice: a count bumped before the check would move the next slot
+        try:
+            got = mine.append("a")  # position 4 needs a third block; none is free
+        except MemoryError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - a learner's slip shown as what it is
+            raise Mismatch(f"called append('a') after {plural(attempt - 1, 'refused append')} with every block held: "
+                           f"raised {type(exc).__name__}: {exc}; expected MemoryError again (a refused append must "
+                           "leave the sequence's length as it was)") from None
+        else:
+            raise Mismatch(f"called append('a') with every block held ({plural(attempt - 1, 'earlier refusal')}): "
+                           f"returned {got!r}; expected MemoryError: position 4 needs a third block and none is free")
+        expect_equal(f"num_free_blocks after {plural(attempt, 'refused append')}", mine.num_free_blocks, 0,
+                     "a refused append changes nothing")
+        expect_equal(f"block_table('a') after {plural(attempt, 'refused append')}", mine.block_table("a"), before,
+                     "a refused append changes nothing")
+    freed = mine.block_table("b")
+    mine.free("b")
+    slot = mine.append("a")  # position 4 again: offset 0 of the block b gave back
+    expect_equal("append('a') after 2 refused appends and free('b')", slot, freed[0] * 2,
+                 f"the slot of position 4 (still the 5th token: refused appends added none), offset 0 of block "
+                 f"{freed[0]}, the one b freed: block_table[4 // 2] · 2 + 4 % 2")
+    expect_equal("block_table('a')", mine.block_table("a"), before + freed, "a's 2 blocks, then the one b freed")
+    expect_equal("append('a') at position 5", mine.append("a"), freed[0] * 2 + 1, "offset 1 of the same block")
+    with pytest.raises(MemoryError):
+        mine.allocate("c", 1)  # every block held again
+    expect_equal("num_free_blocks after a refused allocate", mine.num_free_blocks, 0, "nothing changed")
+
+
+@pytest.mark.kata("PagedBlockTable")
+def test_paged_table_kata_forgets_a_freed_sequence_and_can_allocate_its_id_again():
+    mine = impl.PagedBlockTable(4, 4)
+    held = mine.allocate("a", 5)  # 2 blocks
+    mine.allocate("b", 4)  # 1 block
+    mine.free("a")
+    expect_equal("num_free_blocks after free('a')", mine.num_free_blocks, 3,
+                 "a's 2 blocks back on the free list, b's held")
+    for what, op in (("block_table('a')", lambda: mine.block_table("a")), ("append('a')", lambda: mine.append("a")),
+                     ("free('a')", lambda: mine.free("a"))):
+        try:
+            got = op()
+        except KeyError:
+            continue
+        twice = " (a second free would give its blocks back twice)" if what.startswith("free") else ""
+        raise Mismatch(f"called {what} after free('a'): returned {got!r}; expected KeyError: a freed sequence is gone "
+                       f"(delete its table and length, not only return its blocks){twice}")
+    expect_equal("num_free_blocks after the calls on a freed sequence", mine.num_free_blocks, 3,
+                 "3: no block returned twice, none taken")
+    again = mine.allocate("a", 12)  # 3 blocks: every free block, a's old ones included
+    expect_int_table("allocate('a', 12) after free('a')", again, 3)
+    expect(set(held) <= set(again) and mine.num_free_blocks == 0, "allocate('a', 12) after free('a')", again,
+           f"a new table of the 3 free blocks, a's old blocks {held} among them, and none left free")
+    with pytest.raises(MemoryError):
+        mine.append("a")  # position 12 needs a 4th block; the only other one is b's
 
 
 # --- paged against static ------------------------------------------------------------------------

@@ -264,6 +264,65 @@ def test_kv_dequantize_reads_kvrefs_codes_back_within_half_a_step(x, bits, axis,
                  why="q·scale" + (" + zero (the group's minimum)" if asymmetric else "") + f", within scale / 2 of x")
 
 
+# --- kv_quantize / kv_dequantize: pinned edges (issue 21) -------------------------------------------
+# Random draws almost never land on an exact .5 or pass a half-precision tensor: these cases are fixed.
+
+@pytest.mark.kata("kv_quantize")
+def test_kv_quantize_rounds_exact_halves_to_even():
+    cases = [  # x, bits, axis, asymmetric, codes (round half to even), what half-up / half-away-from-zero give
+        (torch.tensor([0.0, 0.5, 2.5, 3.0]).view(1, 1, 1, 4), 2, "token", True, [0, 0, 2, 3],
+         "zero 0 and scale 1: (x - zero) / scale = 0.5 and 2.5 exactly; half up gives 1 and 3"),
+        (torch.tensor([0.0, 0.5, 2.5, 3.0]).view(1, 1, 4, 1), 2, "channel", True, [0, 0, 2, 3],
+         "the same values down one channel: 0.5 and 2.5 exactly"),
+        (torch.tensor([7.0, 0.5, -0.5, 2.5, -1.5, -3.5, 0.0, 1.0]).view(1, 1, 1, 8), 4, "token", False,
+         [7, 0, 0, 2, -2, -4, 0, 1], "scale 7 / 7 = 1: x / scale = 0.5, -0.5, 2.5, -1.5, -3.5 exactly; half up gives "
+         "1, 0, 3, -1, -3 and half away from zero 1, -1, 3, -2, -4"),
+    ]
+    for x, bits, axis, asym, codes, note in cases:
+        call = call_str("kv_quantize", x, bits, axis, asym)
+        q, scale, _ = impl.kv_quantize(x, bits, axis, asym)
+        expect_close(call + "[1] (scale)", scale, torch.ones(scale.shape), atol=0, rtol=1e-7, why=note)
+        want = torch.tensor(codes, dtype=torch.double).view(x.shape)
+        expect_close(call + "[0] (q)", q.double(), want, axes=("batch", "head", "position", "channel"), atol=0, rtol=0,
+                     why=f"round half to even (torch.round), as the module docstring fixes: {note}")
+
+
+@pytest.mark.kata("kv_quantize")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_kv_quantize_of_half_precision_keys_returns_float32_scales_and_zero_points(dtype):
+    x = (kv_tensor((1, 2, 5, 8), seed=3) * 3.0 + 1.0).to(dtype)
+    for axis, asym in (("token", True), ("channel", True), ("token", False)):
+        call = call_str("kv_quantize", x, 4, axis, asym)
+        q, scale, zero = impl.kv_quantize(x, 4, axis, asym)
+        ref_q, ref_scale, ref_zero = reference(x.float(), 4, axis, asym)
+        expect_tensor(call + "[1] (scale)", scale, ref_scale.shape, torch.float32, layout=whole_axis(axis))
+        expect_close(call + "[1] (scale)", scale, ref_scale, axes=("batch", "head", "position", "channel"), atol=0,
+                     rtol=1e-6, why=f"the scale of the {str(dtype).removeprefix('torch.')} values, computed in float32 "
+                     f"(in {str(dtype).removeprefix('torch.')} it carries a relative error near "
+                     f"{torch.finfo(dtype).eps / 2:.0e})")
+        if asym:
+            expect_tensor(call + "[2] (zero)", zero, ref_zero.shape, torch.float32, layout=whole_axis(axis))
+            expect_close(call + "[2] (zero)", zero, ref_zero, axes=("batch", "head", "position", "channel"), atol=0,
+                         rtol=0, why="each group's minimum, as a float32")
+        expect(not q.is_floating_point() and q.dtype != torch.bool, call + "[0] (q)", q, "integer codes")
+
+
+@pytest.mark.kata("kv_dequantize")
+def test_kv_dequantize_of_float16_scales_returns_float32():
+    x = kv_tensor((1, 2, 4, 8), seed=4) * 2.0
+    q, scale, zero = reference(x, 4, "token", True)
+    scale, zero = scale.half(), zero.half()  # (B, Hkv, T, 1) in float16, as KIVI stores them
+    call = call_str("kv_dequantize", q, scale, zero)
+    got = impl.kv_dequantize(q, scale, zero)
+    want = q.double() * scale.double() + zero.double()
+    expect_tensor(call, got, x.shape, torch.float32, layout="[B, Hkv, T, D], float32 whatever the scales' dtype")
+    expect_close(call, got, want, axes=("batch", "head", "position", "channel"), atol=1e-6, rtol=1e-6,
+                 why="q·scale + zero computed in float32 from float16 scales and zero points")
+    got_sym = impl.kv_dequantize(q, scale, None)
+    expect_tensor(call_str("kv_dequantize", q, scale, None), got_sym, x.shape, torch.float32,
+                  layout="[B, Hkv, T, D], float32 whatever the scales' dtype")
+
+
 # --- INT4 packing ----------------------------------------------------------------------------------
 
 @st.composite

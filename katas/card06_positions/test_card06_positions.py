@@ -165,6 +165,31 @@ def test_rope_rotate_of_bf16_input_is_computed_in_fp32(convention, seed):
     expect(got.dtype == torch.bfloat16, call_str("rope_rotate", x, pos), got, "a bf16 tensor, the input's dtype")
 
 
+# --- rope_rotate: pinned cases (issue 21) ----------------------------------------------------------
+
+@pytest.mark.kata("rope_rotate")
+def test_rope_rotate_takes_each_rows_position_from_input_pos_in_any_order():
+    """Row s turns by input_pos[s]: positions need not start at 0, rise, or be contiguous (a batch of
+    chunks, a speculative tree, a re-fed token). arange(S) + input_pos[0] agrees only when they are."""
+    x = rand(1, 2, 5, 8, seed=7)
+    for pos in (torch.tensor([9, 3, 3000, 0, 4]), torch.tensor([6, 5, 4, 3, 2])):
+        for convention in ("half", "interleaved"):
+            call = call_str("rope_rotate", x, pos, 10000.0, convention)
+            got = rope.rope_rotate(x, pos, 10000.0, convention)
+            expect_close(call, got, kvref_rotate(x, pos, 10000.0, convention), AXES, atol=fp32_rope_atol(x, 3000),
+                         rtol=1e-5, why=f"row s rotated by input_pos[s] = {pos.tolist()}[s], whatever their order")
+
+
+@pytest.mark.kata("rope_rotate")
+def test_rope_rotate_of_fp16_input_returns_fp16():
+    x, pos = rand(1, 2, 6, 16, seed=8, dtype=torch.float16), torch.arange(6)
+    call = call_str("rope_rotate", x, pos)
+    got = rope.rope_rotate(x, pos)
+    expect_tensor(call, got, x.shape, torch.float16, layout="x's shape and dtype")
+    expect_close(call, got, kvref_rotate(x, pos, 10000.0, "half"), AXES, atol=1e-3 * float(x.abs().max()), rtol=2 ** -9,
+                 why="fp16 in, fp16 out, rotated in fp32 and rounded once")
+
+
 # --- rope_relative_score --------------------------------------------------------------------------
 
 @pytest.mark.kata("rope_relative_score")
@@ -187,6 +212,17 @@ def test_rope_relative_score_equals_scores_measured_at_many_absolute_positions(D
                      ("pair",), atol=1e-4 * float(q.norm(dim=-1).max() * k.norm(dim=-1).max()), rtol=1e-4,
                      why=f"q rotated at m = {m} dotted with k rotated at n = {n} ({convention}, base {theta:g}), "
                          f"measured; every (m, n) with m - n = {distance} gives the same score")
+
+
+@pytest.mark.kata("rope_relative_score")
+def test_rope_relative_score_of_bf16_vectors_is_fp32():
+    q, k = rand(3, 8, seed=9, dtype=torch.bfloat16), rand(3, 8, seed=10, dtype=torch.bfloat16)
+    call = call_str("rope_relative_score", q, k, 5)
+    got = rope.rope_relative_score(q, k, 5)
+    expect_tensor(call, got, (3,), torch.float32, layout="[N] fp32, whatever the inputs' dtype")
+    want = (kvref_rotate(q.double()[:, None], torch.tensor([5]), 10000.0, "half")[:, 0] * k.double()).sum(-1)
+    expect_close(call, got, want, ("pair",), atol=1e-2, rtol=1e-2,
+                 why="q rotated by 5 positions dotted with k, from the bf16 vectors, summed in fp32")
 
 
 # --- rope_cached_decode ----------------------------------------------------------------------------
@@ -331,6 +367,19 @@ def test_rope_rerotate_renumbers_a_sink_cache_as_if_rotated_from_scratch(D, wind
         new_pos = torch.tensor([len(kept)])
         cache = torch.cat([cache, kvref_rotate(k[:, :, t:t + 1], new_pos, 10000.0, convention)], dim=2)
         kept.append(t)
+
+
+@pytest.mark.kata("rope_rerotate")
+def test_rope_rerotate_of_bf16_keys_returns_bf16():
+    k = rand(1, 2, 4, 16, seed=11)
+    pos = torch.tensor([3, 10, 11, 40])
+    k_rot = kvref_rotate(k, pos, 10000.0, "half").bfloat16()
+    call = call_str("rope_rerotate", k_rot, -2)
+    got = rope.rope_rerotate(k_rot, -2)
+    expect_tensor(call, got, k_rot.shape, torch.bfloat16, layout="k_rot's shape and dtype")
+    expect_close(call, got, kvref_rotate(k_rot.float(), torch.full((4,), -2), 10000.0, "half"), AXES,
+                 atol=2 ** -7 * float(k.abs().max()), rtol=2 ** -7,
+                 why="bf16 keys moved back 2 positions, computed in fp32 and rounded to bf16 once")
 
 
 # --- rope_decode_flops ----------------------------------------------------------------------------

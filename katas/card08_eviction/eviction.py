@@ -29,6 +29,8 @@ class RingBufferCache:
     buffer is full. It returns `(k, v, key_pos)`: the occupied slots IN SLOT ORDER, `k` and `v`
     `[B, Hkv, n, D]` with n = min(pos + 1, window), and `key_pos`, a list of n Python ints: the
     absolute position each of those slots holds (slot index is not position once the buffer wraps).
+    `k` and `v` may be views of the buffer (no copy: attention reads them at once); `key_pos` is
+    the caller's own list, which it may change without changing the cache.
     A query at `pos` attending over the returned keys sees exactly the last `window` positions,
     its own included: the buffer's convention, and transformers'. (Mistral §2 writes the window as
     positions pos - window .. pos, window + 1 of them, as its reference prefill mask does; a

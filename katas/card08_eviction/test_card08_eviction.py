@@ -119,6 +119,24 @@ def test_ring_buffer_never_holds_more_than_window_positions():
            "positions as Python ints or an integer tensor")
 
 
+@pytest.mark.kata("RingBufferCache")
+def test_ring_buffer_key_positions_are_the_callers_list_to_change():
+    """key_pos is returned to the caller: a caller that edits it (say, to mask or renumber) must not
+    change what the cache reports at the next step. k and v may be views (the docstring allows it)."""
+    W, T, D = 3, 8, 8
+    _, _, v, k_rot, cache = run_ring(W, T, 1, 1, D, seed=6)
+    for p in range(T):
+        call = call_str("RingBufferCache.update", p, k_rot[:, :, p:p + 1], v[:, :, p:p + 1])
+        _, _, key_pos = cache.update(p, k_rot[:, :, p:p + 1], v[:, :, p:p + 1])
+        slots = min(p + 1, W)
+        want = [q for s in range(slots) for q in range(p + 1) if q % W == s and q > p - W]  # position of slot s
+        expect_equal(call + "[2] after the caller changed the lists returned before", key_pos, want,
+                     "the positions the slots hold, in slot order: return a new list (list(...) or a slice), not "
+                     "one the cache keeps and updates")
+        key_pos.append(-5)  # what a caller may do with its own list
+        key_pos[0] = 10**6
+
+
 # --- sink_window_decode --------------------------------------------------------------------------
 
 def streaming_reference(q, k, v, n_sinks, window):

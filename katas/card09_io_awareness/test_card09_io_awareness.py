@@ -15,7 +15,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import kvkata
-from kvkata.check import call_str, expect, expect_close, expect_real, expect_tensor
+from kvkata.check import call_str, expect, expect_close, expect_equal, expect_real, expect_tensor
 from kvref.attention import attention
 from kvref.config import ModelConfig, preset
 from kvref.hardware import A100_80GB_SXM, H100_SXM, HARDWARE, Hardware
@@ -86,6 +86,27 @@ def test_decode_attention_intensity_of_real_models_stays_far_below_every_ridge_a
                    f"FLOP/B): no head dim makes decode compute-bound")
 
 
+# Pinned (issue 21): with G even and a 2-byte cache, 4·G / (2·itemsize) is a whole number, so an
+# integer division passes; MHA (G = 1) and an odd G in float32 (4 bytes) are fractions.
+FRACTIONAL = [(ModelConfig(vocab_size=8, n_layers=1, d_model=16, n_heads=4, n_kv_heads=4, head_dim=8, d_ff=8),
+               torch.float32, "MHA in float32: 4 FLOPs per 8 bytes"),
+              (ModelConfig(vocab_size=8, n_layers=1, d_model=16, n_heads=6, n_kv_heads=2, head_dim=8, d_ff=8),
+               torch.float32, "G = 3 in float32: 12 FLOPs per 8 bytes"),
+              (ModelConfig(vocab_size=8, n_layers=1, d_model=16, n_heads=6, n_kv_heads=2, head_dim=8, d_ff=8),
+               torch.int8, "G = 3 in int8: a whole number, still a float")]
+
+
+@pytest.mark.kata("decode_attention_intensity")
+def test_decode_attention_intensity_of_mha_and_odd_groups_is_a_float_fraction():
+    for cfg, dtype, note in FRACTIONAL:
+        got = impl.decode_attention_intensity(cfg, dtype)
+        call = call_str("decode_attention_intensity", shown(cfg), dtype)
+        want, flops, nbytes = measured_intensity(cfg, dtype, 1, 6, 1)
+        expect_real(call, got, want, rel=1e-12, why=f"{note}: FlopCounterMode counted {flops:,} FLOPs over {nbytes:,} "
+                                                     "bytes of K and V; / not //")
+        expect(isinstance(got, float), call, got, f"a Python float ({note}): no int() of a whole ratio")
+
+
 # A fictional device with little compute per byte: ridge point 2 FLOP/B in bf16.
 SLOW_COMPUTE = Hardware("slow-compute", {torch.bfloat16: 2e12}, 1e12, 10**10, "fictional, for tests")
 
@@ -132,6 +153,21 @@ def test_queries_to_reach_ridge_of_llama_on_an_h100_and_an_a100():
         want = next(s for s in range(1, 10_000) if measured_intensity(cfg.with_(head_dim=8), dtype, s, 1, 1)[0]
                     >= hw.ridge_point(dtype))
         expect_real(call_str("queries_to_reach_ridge", name, hw.name, dtype), got, want, rel=0, why=why)
+
+
+@pytest.mark.kata("queries_to_reach_ridge")
+def test_queries_to_reach_ridge_of_mha_and_odd_groups_in_float32():
+    """Each query token adds 2·G / itemsize FLOP/B: 0.5 for MHA in float32 and 1.5 for G = 3, where an
+    integer division gives 0 and 1."""
+    cases = [(FRACTIONAL[0][0], H100_SXM, "MHA: 0.5 FLOP/B per query token against 67e12 / 3.35e12 = 20 FLOP/B"),
+             (FRACTIONAL[1][0], A100_80GB_SXM, "G = 3: 1.5 FLOP/B per query token against 19.5e12 / 2.039e12 = "
+              "9.56 FLOP/B")]
+    for cfg, hw, why in cases:
+        got = impl.queries_to_reach_ridge(cfg, hw, torch.float32)
+        call = call_str("queries_to_reach_ridge", shown(cfg), hw.name, torch.float32)
+        want = next(s for s in range(1, 1000) if measured_intensity(cfg, torch.float32, s, 1, 1)[0]
+                    >= hw.ridge_point(torch.float32))
+        expect_equal(call, got, want, f"{why}: the first S whose measured FLOPs per byte of K and V reach the ridge")
 
 
 # --- merge_split_partials --------------------------------------------------------------------------
@@ -224,3 +260,15 @@ def test_merge_split_partials_merged_twice_equals_merged_once(T, seed, data):
                  why=f"splits 0..{cut - 1} merged, splits {cut}..{len(outs) - 1} merged, then the two merged: the same "
                      "as merging all at once (the returned lse is what makes this work)")
     expect_close(call + " -> lse", lse_twice, lse_once, ("batch", "head"), atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.kata("merge_split_partials")
+def test_merge_split_partials_of_bf16_outputs_returns_bf16():
+    outs = torch.tensor([[1.0, -2.0], [3.0, 0.5]]).view(2, 1, 1, 2).bfloat16()
+    lses = torch.tensor([0.0, math.log(3.0)]).view(2, 1, 1)  # split weights 1/4 and 3/4
+    call = call_str("merge_split_partials", outs, lses)
+    out, lse = impl.merge_split_partials(outs, lses)
+    expect_tensor(call + " -> out", out, (1, 1, 2), torch.bfloat16, layout="[B, H, D] in outs' dtype")
+    expect_tensor(call + " -> lse", lse, (1, 1), torch.float32, layout="[B, H] float32")
+    expect_close(call + " -> out", out.float(), torch.tensor([[[2.5, -0.125]]]), AXES, atol=1e-2, rtol=1e-2,
+                 why="1/4 · [1, -2] + 3/4 · [3, 0.5]: the splits weighted by exp(lse_i - lse)")

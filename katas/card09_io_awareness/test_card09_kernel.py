@@ -211,6 +211,81 @@ def test_gqa_decode_kernel_keeps_a_running_maximum_when_later_tiles_score_hundre
                      why="PyTorch's scaled_dot_product_attention in float64")
 
 
+# --- pinned (issue 21): the launch's sm_scale, and float32 accumulation over many tiles ------------
+
+@pytest.mark.kata("gqa_decode_kernel")
+@pytest.mark.parametrize("scale", [0.05, 1.3])
+def test_gqa_decode_kernel_scales_scores_by_the_sm_scale_it_is_given(scale):
+    """The launcher passes sm_scale (1 / sqrt(D) by default; a model may use another, e.g. Gemma's
+    query_pre_attn_scalar or a softcap): a kernel that computes 1 / sqrt(D) itself passes every other test."""
+    p = (2, 2, 3, 32, 40, [40, 17], 2, 16)
+    B, Hkv, G, D, T, seq_lens, num_splits, block_n = p
+    q, k, v, sl = problem(B, Hkv, G, D, T, seq_lens, seed=5)
+    out, part_out, part_lse = decode_with_kernel(impl.gqa_decode_kernel, q, k, v, sl, num_splits=num_splits,
+                                                 block_n=block_n, scale=scale)
+    want = sdpa(q, k, v, sl, scale=scale)
+    cause = ""
+    if not torch.allclose(out.double(), want, atol=1e-5, rtol=1e-4):
+        if torch.allclose(out.double(), sdpa(q, k, v, sl), atol=1e-4, rtol=1e-4):
+            cause = f". Yours matches 1 / sqrt(D) = {D ** -0.5:.4g}: multiply the scores by the sm_scale argument"
+        else:
+            cause = likely_cause(out, q, k, v, sl)
+    expect_close(call_str("gqa_decode_kernel", shape_str(*p, torch.float32), f"sm_scale={scale}")
+                 + ", merged by kvref -> out", out, want, ("batch", "head", "dim"), atol=1e-5, rtol=1e-4,
+                 why=f"PyTorch's scaled_dot_product_attention (float64) with scale={scale}" + cause)
+
+
+def emulated_split(q, k, v, block_n, acc_dtype=torch.float32, score_dtype=torch.float32):
+    """One split's output computed tile by tile as a kernel does, from float16 inputs ([1, G, D], [1, 1, T, D]):
+    float32 scores (or rounded to `score_dtype`), p rounded to float16 for P·V, the output sum kept in `acc_dtype`."""
+    D, T = q.shape[-1], k.shape[2]
+    qf = q[0].float()
+    m, l = torch.full((q.shape[1],), -math.inf), torch.zeros(q.shape[1])
+    acc = torch.zeros(q.shape[1], D, dtype=acc_dtype)
+    for n0 in range(0, T, block_n):
+        x = (qf @ k[0, 0, n0:n0 + block_n].float().T * D ** -0.5).to(score_dtype).float()  # (G, BLOCK_N)
+        m_new = torch.maximum(m, x.max(1).values)
+        alpha, p = torch.exp(m - m_new), torch.exp(x - m_new[:, None])
+        l = l * alpha + p.sum(1)
+        acc = (acc.float() * alpha[:, None] + p.half().float() @ v[0, 0, n0:n0 + block_n].float()).to(acc_dtype)
+        m = m_new
+    return (acc.float() / l[:, None]).double()  # (G, D)
+
+
+@pytest.mark.kata("gqa_decode_kernel")
+def test_gqa_decode_kernel_in_float16_keeps_scores_and_sums_in_float32_over_many_tiles():
+    """Two float16 sequences of 512 positions, 16 tiles of 32 each. Sequence 0's values share an offset of 32,
+    so the output sum grows to ~16,000, where float16's spacing is 16: a sum kept in float16 drifts.
+    Sequence 1's scores share an offset of 200 (q·k/sqrt(D) ~ 200 + a few), where float16's spacing is 0.125:
+    scores rounded to float16 move every weight by up to 6%. The tolerance of each sits between the errors
+    of the two emulated kernels, float32 and float16, computed here."""
+    B, Hkv, G, D, T, block_n = 2, 1, 2, 16, 512, 32
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, G, D, generator=g) * 0.5
+    k, v = torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    v[0] += 32.0  # a common offset in the values
+    q[1, :, 0], k[1, :, :, 0] = 40.0, 20.0  # a common offset in the scores: 40 · 20 / sqrt(16) = 200
+    q, k, v = q.half().to(DEVICE), k.half().to(DEVICE), v.half().to(DEVICE)
+    sl = torch.full((B,), T, dtype=torch.int32, device=DEVICE)
+    _, part_out, _ = decode_with_kernel(impl.gqa_decode_kernel, q, k, v, sl, num_splits=1, block_n=block_n)
+    q, k, v = q.cpu(), k.cpu(), v.cpu()
+    call = call_str("gqa_decode_kernel", shape_str(B, Hkv, G, D, T, [T, T], 1, block_n, torch.float16))
+    for b, wrong, what in ((0, dict(acc_dtype=torch.float16), "values offset by 32: the output sum (acc) kept in "
+                            "float16"), (1, dict(score_dtype=torch.float16), "scores offset by 200: scores rounded "
+                                         "to float16 before the softmax")):
+        exact = sdpa(q[b:b + 1].float(), k[b:b + 1].float(), v[b:b + 1].float(), sl[b:b + 1].cpu())[0]  # (G, D)
+        err32 = (emulated_split(q[b:b + 1], k[b:b + 1], v[b:b + 1], block_n) - exact).abs().max().item()
+        err16 = (emulated_split(q[b:b + 1], k[b:b + 1], v[b:b + 1], block_n, **wrong) - exact).abs().max().item()
+        assert err16 > 30 * err32, (f"kvkata maintainers: sequence {b} no longer tells float16 from float32 "
+                                    f"({err16:.2e} vs {err32:.2e})")
+        tol = math.sqrt(err32 * err16)  # the geometric mean: a factor sqrt(err16 / err32) from each
+        expect_close(f"{call}, sequence {b} ({what.split(':')[0]}) -> part_out", part_out[b, :, 0].cpu(), exact,
+                     ("head", "dim"), atol=tol, rtol=0,
+                     why=f"attention in float64 from the float16 inputs, within {tol:.2g}: emulated, a kernel with "
+                         f"float32 scores and sums is {err32:.1e} off, one with {what.split(': ')[1]} {err16:.1e}. "
+                         "Keep m, l, acc and the scores in float32 (tl.dot accumulates in float32 by default)")
+
+
 # --- IO-awareness: the bytes of K and V your kernel loads ----------------------------------------
 
 IO_CASES = [  # (B, Hkv, G, D, T, seq_lens, num_splits, block_n)

@@ -286,6 +286,16 @@ def test_low_rank_key_error_of_singular_values_4_and_3_is_5_then_3_then_0():
                         f"of the dropped values (not the kept ones, not their sum, not the largest dropped one)")
 
 
+@pytest.mark.kata("low_rank_key_error")
+def test_low_rank_key_error_is_a_float_when_nothing_is_dropped():
+    """A rank at or past the count keeps everything: the error is 0.0, a float like every other answer."""
+    for sv, rank in (([4.0, 3.0], 2), ([4.0, 3.0], 5), ([1.5], 1)):
+        got = impl.low_rank_key_error(sv, rank)
+        call = call_str("low_rank_key_error", sv, rank)
+        expect_real(call, got, 0.0, abs=1e-12, why="nothing dropped, nothing lost")
+        expect(isinstance(got, float), call, got, "a Python float, as the signature says (0.0, not the int 0)")
+
+
 # --- selective_cache_recompute_flops ---------------------------------------------------------
 
 @st.composite
