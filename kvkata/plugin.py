@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import kvkata
-from kvkata import board, manifest
+from kvkata import board, manifest, progress
 from kvkata.check import Mismatch
 from kvkata.formula import FormulaOnly
 
@@ -34,6 +34,7 @@ _katas_key = pytest.StashKey[dict]()      # nodeid -> Kata, the selected tests
 _totals_key = pytest.StashKey[dict]()     # (card, kata) -> tests collected, before -k / --kata
 _broken_key = pytest.StashKey[dict]()     # card -> why its module does not import
 _hung_key = pytest.StashKey[dict]()       # (card, kata) -> the test that hung
+_unsaved_key = pytest.StashKey[str]()     # why .kvkata/progress.json could not be written
 _config: pytest.Config | None = None
 
 
@@ -313,10 +314,21 @@ def _state(config: pytest.Config) -> board.RunState:
                           totals=dict(config.stash[_totals_key]), broken=dict(config.stash[_broken_key]))
 
 
+def _narrowed(config: pytest.Config) -> bool:
+    """The run named test ids (file::test): a kata's collected tests may then be fewer than it has."""
+    return any("::" in arg for arg in config.args)
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    state = _state(session.config)
+    if kvkata.mode() == "learner" and state.katas:
+        try:
+            progress.record_run(board.settled(state), narrowed=_narrowed(session.config))
+        except OSError as exc:  # a read-only checkout: the run still reports, the record is not kept
+            session.config.stash[_unsaved_key] = str(exc)
     path = session.config.getoption("kvkata_json")
     if path:
-        Path(path).write_text(json.dumps({"mode": kvkata.mode(), **_state(session.config).to_json()}, indent=1))
+        Path(path).write_text(json.dumps({"mode": kvkata.mode(), **state.to_json()}, indent=1))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
@@ -340,8 +352,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
             for line in todos:
                 tw.line(line)
         tw.section("kvkata progress", sep="=")
-        for line in board.render(state):
+        record = progress.after_run(board.settled(state), narrowed=_narrowed(config))
+        for line in board.render(state, record):
             tw.line(line)
+        if config.stash.get(_unsaved_key, None):
+            tw.line(f"  (this run's results are not saved: {config.stash[_unsaved_key]})")
     elif kvkata.mode() == "interviewer":
         for card_id in sorted({k.card for k in state.katas.values()}):
             tw.section(f"interviewer notes: {card_id}", sep="=")
