@@ -333,7 +333,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     state = _state(config)
-    if not state.katas:
+    if not state.katas or config.getoption("collectonly"):
         return
     tw = terminalreporter
     if kvkata.mode() == "learner":
