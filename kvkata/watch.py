@@ -141,7 +141,10 @@ def _run(katas: list[manifest.Kata], stream_fd: int) -> runner.Result:
 
 
 class Watcher:
-    def __init__(self, clear: bool) -> None:
+    """The warm process: what it has loaded, the kata it is on, and each stub's hash at its last run."""
+
+    def __init__(self, current: manifest.Kata, clear: bool) -> None:
+        self.current = current
         self.clear = clear
         self.loaded: set[str] = set()
         self.fd = os.dup(sys.stdout.fileno())
@@ -149,18 +152,20 @@ class Watcher:
 
     def cycle(self, katas: list[manifest.Kata], why: str, clear: bool = True) -> bool:
         """Run `katas`, show what happened and the board, then move on while they pass: True if all pass."""
+        done: set[manifest.Kata] = set()
         while True:
             solved, state = self.run_once(katas, why, clear)
+            done.update(katas)
             status = progress.statuses()
             nxt = self._next(katas, status) if solved else None
-            if not solved or nxt is None:
+            if not solved or nxt is None or nxt in done:  # (in done: the record could not be written)
                 if state is not None:
                     _say("")
                     for line in board.render(state, status=status):
                         _say(line)
                 if not solved:
                     self.current = next((k for k in katas if status[progress.key(k)] != "solved"), katas[0])
-                else:
+                elif nxt is None:
                     _say("kvkata watch: every kata is solved. A save still reruns the kata you change.")
                 return solved
             _say(f"\nkvkata watch: {', '.join(k.name for k in katas)} solved; "
@@ -180,7 +185,7 @@ class Watcher:
                 _say(f"  (loading {card.id}'s test modules once)")
                 _preload_card(card, self.loaded)
         result = _run(katas, self.fd)
-        self.seen.update(progress.stub_hashes(manifest.all_katas()))
+        self.seen.update(progress.stub_hashes(katas))
         elapsed = time.monotonic() - started
         if result.data is None or not result.data["tests"]:
             why_not = "did not finish" if result.data is None else "selected no test"
@@ -199,6 +204,20 @@ class Watcher:
             _say(f"  (the first failure's message is above; pytest -k {failed[0].name} shows every one)")
         _say(f"  ({elapsed:.1f} s)")
         return all(statuses.get(k.name) is not None and statuses[k.name].state == "solved" for k in katas), state
+
+    def follow_saves(self) -> None:
+        """Rerun on every save under katas/, until Ctrl-C."""
+        from watchfiles import watch as watch_files  # imported here: the other commands do not need it
+
+        folder = ROOT / "katas"
+        _say(f"\nkvkata watch: waiting for a save under {folder} (Ctrl-C stops)")
+        for changes in watch_files(folder, watch_filter=lambda change, path: path.endswith((".py", ".toml"))):
+            paths = {p for _, p in changes}
+            names = ", ".join(sorted({Path(p).name for p in paths}))
+            katas = self.changed(paths) or [self.current]
+            self.current = katas[0]
+            self.cycle(katas, f"{names} saved")
+            _say(f"\nkvkata watch: waiting for a save under {folder} (Ctrl-C stops)")
 
     def _next(self, after: list[manifest.Kata], status: dict[str, str]) -> manifest.Kata | None:
         card = manifest.card(after[-1].card)
@@ -223,7 +242,7 @@ def _summary(s: board.KataStatus) -> str:
 def watch(card_id: str | None = None, once: bool = False) -> int:
     start = manifest.card(card_id) if card_id else None
     status = progress.statuses()
-    kata = progress.first_unsolved(start, status) or (progress.first_unsolved(None, status) if start is None else None)
+    kata = progress.first_unsolved(start, status)
     if kata is None and start is None:
         _say("kvkata watch: every kata is solved (kvkata status shows the board). "
              "Give a card to keep watching one: kvkata watch card00")
@@ -231,25 +250,13 @@ def watch(card_id: str | None = None, once: bool = False) -> int:
     katas = [kata] if kata is not None else list(start.katas)  # a solved card: rerun all of it
     _say(f"kvkata watch: starting with {katas[0].card} {katas[0].name} ({katas[0].where()}). Loading torch, "
          "hypothesis and kvref once (a few seconds); after that a save reruns your kata without reloading them.")
-    runner.preload()
-    watcher = Watcher(clear=sys.stdout.isatty() and not once)
-    watcher.current = katas[0]
-    ok = watcher.cycle(katas, "starting", clear=False)
-    if once:
-        return 0 if ok else 1
-    from watchfiles import watch as watch_files  # imported here: the other commands do not need it
-
-    folder = ROOT / "katas"
-    _say(f"\nkvkata watch: waiting for a save under {folder} (Ctrl-C stops)")
     try:
-        for changes in watch_files(folder, watch_filter=lambda change, path: path.endswith((".py", ".toml"))):
-            paths = {p for _, p in changes}
-            names = ", ".join(sorted({Path(p).name for p in paths}))
-            changed = watcher.changed(paths)
-            katas = changed or [watcher.current]
-            watcher.current = katas[0]
-            watcher.cycle(katas, f"{names} saved")
-            _say(f"\nkvkata watch: waiting for a save under {folder} (Ctrl-C stops)")
+        runner.preload()
+        watcher = Watcher(katas[0], clear=sys.stdout.isatty() and not once)
+        ok = watcher.cycle(katas, "starting", clear=False)
+        if once:
+            return 0 if ok else 1
+        watcher.follow_saves()
     except KeyboardInterrupt:
         _say("\nkvkata watch: stopped.")
     return 0
