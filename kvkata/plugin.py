@@ -23,9 +23,10 @@ from pathlib import Path
 import pytest
 
 import kvkata
-from kvkata import board, manifest, progress
+from kvkata import board, manifest
 from kvkata.check import Mismatch
 from kvkata.formula import FormulaOnly
+from kvkata import progress
 
 TODO_KEY, BROKEN_KEY, KATA_KEY = "kvkata_todo", "kvkata_broken", "kvkata_kata"
 KVREF = kvkata.ROOT / "kvref"
@@ -34,7 +35,6 @@ _katas_key = pytest.StashKey[dict]()      # nodeid -> Kata, the selected tests
 _totals_key = pytest.StashKey[dict]()     # (card, kata) -> tests collected, before -k / --kata
 _broken_key = pytest.StashKey[dict]()     # card -> why its module does not import
 _hung_key = pytest.StashKey[dict]()       # (card, kata) -> the test that hung
-_unsaved_key = pytest.StashKey[str]()     # why .kvkata/progress.json could not be written
 _config: pytest.Config | None = None
 
 
@@ -312,6 +312,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 def _state(config: pytest.Config) -> board.RunState:
     return board.RunState(results=dict(config.stash[_results_key]), katas=dict(config.stash[_katas_key]),
                           totals=dict(config.stash[_totals_key]), broken=dict(config.stash[_broken_key]))
+
+
+_unsaved_key = pytest.StashKey[str]()  # why .kvkata/progress.json could not be written
 
 
 def _narrowed(config: pytest.Config) -> bool:
