@@ -103,6 +103,8 @@ def after_run(settled: dict[str, tuple[str, int, str]], *, narrowed: bool = Fals
 
 def record_run(settled: dict[str, tuple[str, int, str]], *, narrowed: bool = False, root: Path = ROOT) -> dict:
     """Merge a learner-mode run into the saved record and write it (atomically, under a lock)."""
+    if not settled:  # nothing ran to the end (a collection, an interrupted start): leave the record alone
+        return load(root)
     target = path(root)
     target.parent.mkdir(parents=True, exist_ok=True)
     with _locked(target.with_suffix(".lock")):
