@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from kvkata import runner
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -36,18 +38,12 @@ class Run:
 
 def run_suite(*args: str, cwd: Path = ROOT, mode: str | None = None, timeout: int = 600) -> Run:
     """Run pytest on the kata tests in a fresh process and collect each test's outcome."""
-    out = cwd / f".kvkata-run-{os.getpid()}-{abs(hash(args))}.json"
     env = {k: v for k, v in os.environ.items() if k not in ("KVKATA_MODE", "PYTEST_ADDOPTS")}
     env["HYPOTHESIS_PROFILE"] = "kata"  # the learners' profile: what a learner sees
     if mode:
         env["KVKATA_MODE"] = mode
-    cmd = [sys.executable, "-m", "pytest", "katas", "-p", "no:randomly", f"--kvkata-json={out}", *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    try:
-        tests = json.loads(out.read_text())["tests"] if out.exists() else {}
-    finally:
-        out.unlink(missing_ok=True)
-    return Run(proc.returncode, proc.stdout + proc.stderr, tests)
+    result = runner.run(["katas", "-p", "no:randomly", *args], cwd=cwd, env=env, timeout=timeout)
+    return Run(result.returncode, result.output, result.tests)
 
 
 def inprocess_pytest(*args: str, plugins=(), env: dict | None = None) -> tuple[int, str]:
@@ -156,7 +152,7 @@ def project_copy(tmp_path: Path) -> Path:
     """A scratch copy of the project, to break on purpose."""
     dest = tmp_path / "project"
     shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", ".venv",
-                                                               "bench", ".hypothesis"))
+                                                               "bench", ".hypothesis", ".kvkata"))
     return dest
 
 

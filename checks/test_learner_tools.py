@@ -1,6 +1,7 @@
-"""The learner's and interviewer's commands: reset and restore with backups, watch, interview --live,
-the Anki deck and the plots, each run as a learner runs it (`python -m kvkata.cli ...` in a scratch
-copy of the project), and the rule that no command writes a learner's file without a backup."""
+"""The learner's and interviewer's commands: reset and restore with backups, saved progress and
+status, watch, interview --live, the Anki deck and the plots, each run as a learner runs it
+(`python -m kvkata.cli ...` in a scratch copy of the project), and the rule that no command writes a
+learner's file without a backup."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import ast
 import html
 import os
 import queue
+import re
 import signal
 import sqlite3
 import subprocess
@@ -19,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
-from kvkata import backup, manifest
+from conftest import ROOT, run_suite
+from kvkata import backup, board, manifest, progress
 
 
 def kvkata(project: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -168,7 +170,7 @@ def test_watch_reruns_the_card_when_a_stub_is_saved_and_stops_cleanly(project_co
         for attempt in range(12):
             stub.write_text(solution + "\n" * (attempt % 2))
             try:
-                read_until("changed; rerunning card01", 10)
+                read_until("redundancy.py saved; running card01", 10)
                 break
             except AssertionError:
                 continue
@@ -239,3 +241,153 @@ def test_plot_writes_the_figures_from_kvref(tmp_path, project_copy):
     for p in written:
         data = p.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, p
+
+
+# --- saved progress, status and the warm watcher ----------------------------------------------
+
+N_KATAS = len(manifest.all_katas())
+
+
+def with_solution_of(project: Path, kata: manifest.Kata, replace: tuple[str, str] | None = None) -> None:
+    """Put the worked solution of one kata (its function or class, nothing else) into the stub,
+    optionally with `replace` = (old, new) applied to it: a plausible wrong answer."""
+    def segment(path: Path) -> tuple[str, ast.AST]:
+        text = path.read_text()
+        node = next(n for n in ast.parse(text).body if getattr(n, "name", None) == kata.name)
+        return text, node
+
+    solution, node = segment(project / "solutions" / kata.dir / f"{kata.module}.py")
+    body = ast.get_source_segment(solution, node)
+    if replace is not None:
+        assert body.count(replace[0]) == 1, f"{kata.name}'s solution changed: update this check"
+        body = body.replace(*replace)
+    stub_path = project / "katas" / kata.dir / f"{kata.module}.py"
+    stub, node = segment(stub_path)
+    lines = stub.splitlines(keepends=True)
+    stub_path.write_text("".join(lines[:node.lineno - 1]) + body + "\n" + "".join(lines[node.end_lineno:]))
+
+
+def card_line(output: str, card: manifest.Card) -> str:
+    return next(ln for ln in output.splitlines() if ln.startswith(f"  {card.id}  "))
+
+
+def test_progress_merges_a_partial_run_and_never_counts_a_kata_solved_from_part_of_its_tests(project_copy):
+    card = manifest.card("card01")
+    a, b, c = card.katas[:3]
+
+    def state(outcomes: dict[manifest.Kata, list[str]], totals: dict[manifest.Kata, int]) -> board.RunState:
+        results, katas = {}, {}
+        for kata, seq in outcomes.items():
+            for i, outcome in enumerate(seq):
+                results[f"t::{kata.name}[{i}]"] = outcome
+                katas[f"t::{kata.name}[{i}]"] = kata
+        return board.RunState(results, katas, {(k.card, k.name): n for k, n in totals.items()})
+
+    progress.record_run(board.settled(state({a: ["passed", "passed"], b: ["todo"]}, {a: 2, b: 1})), root=project_copy)
+    status = progress.statuses(root=project_copy)
+    assert (status[progress.key(a)], status[progress.key(b)], status[progress.key(c)]) == ("solved", "todo", "not run")
+    # A later run of other katas keeps a's result; a kata run in part (1 of its 2 tests) settles nothing.
+    progress.record_run(board.settled(state({c: ["passed", "failed"], b: ["passed"]}, {c: 2, b: 2})), root=project_copy)
+    status = progress.statuses(root=project_copy)
+    assert (status[progress.key(a)], status[progress.key(b)], status[progress.key(c)]) == ("solved", "todo", "failing")
+    # A run that named test ids may have collected fewer tests than the kata has: no pass counts solved.
+    progress.record_run(board.settled(state({b: ["passed"]}, {b: 1})), narrowed=True, root=project_copy)
+    assert progress.statuses(root=project_copy)[progress.key(b)] == "todo"
+    # An edit of a's stub since its result makes it stale; an edit elsewhere in the file does not.
+    stub = project_copy / "katas" / card.dir / f"{a.module}.py"
+    stub.write_text(stub.read_text() + "\n# a note below every kata\n")
+    assert progress.statuses(root=project_copy)[progress.key(a)] == "solved"
+    stub.write_text(stub.read_text().replace(f"def {a.name}(", f"def {a.name}(  # edited\n        ", 1))
+    assert progress.statuses(root=project_copy)[progress.key(a)] == "stale"
+
+
+def test_status_after_a_partial_run_shows_it_solved_others_not_run_and_an_edit_stale(project_copy):
+    card = manifest.card("card01")
+    token_passes, kv_rows, fraction = card.katas[:3]
+    other = manifest.card("card00")
+    with_solution_of(project_copy, token_passes)
+    run = run_suite("--kata", token_passes.name, cwd=project_copy)
+    assert run.returncode == 0, run.output[-3000:]
+    # The end-of-run board, the status board and the list all read the same record.
+    for output in (run.output, kvkata(project_copy, "status").stdout):
+        assert re.search(rf"\[#\.{{4}}\] 1/5 katas solved", card_line(output, card)), output
+        assert re.search(rf"\[\.{{6}}\] 0/6 katas solved", card_line(output, other)), output
+        assert f"] 1/{N_KATAS} katas solved" in output
+    listing = kvkata(project_copy, "list").stdout
+    assert re.search(rf"# {token_passes.name}\s+solved ", listing) and re.search(rf"\. {kv_rows.name}\s+not run ", listing)
+    status = kvkata(project_copy, "status").stdout
+    for mark, meaning in (("#", "solved"), ("x", "failing"), ("-", "still the stub"), (".", "not run"), ("~", "stale")):
+        assert f"{mark} {meaning}" in status, f"the legend must say what {mark} means"
+    # An edit of the solved kata makes it stale; a run of two other katas (one a stub, one wrong) merges in.
+    stub = project_copy / "katas" / card.dir / f"{token_passes.module}.py"
+    stub.write_text(stub.read_text().replace("# the prompt once", "# the prompt once, as I worked out", 1))
+    with_solution_of(project_copy, fraction, ("return (fed - new) / fed", "return new / fed"))
+    run = run_suite("--kata", kv_rows.name, "--kata", fraction.name, cwd=project_copy)
+    assert run.returncode == 1
+    status = kvkata(project_copy, "status").stdout
+    assert re.search(r"\[~-x\.\.\] 0/5 katas solved", card_line(status, card)), status
+    assert f"] 0/{N_KATAS} katas solved" in status
+
+
+def test_status_reads_the_record_without_importing_torch_or_running_anything(project_copy):
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "kvkata.cli", "status"], cwd=project_copy,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(project_copy)})
+    assert proc.returncode == 0, proc.stderr
+    imported = {ln.rsplit("|", 1)[-1].strip() for ln in proc.stderr.splitlines() if ln.startswith("import time:")}
+    heavy = sorted(m for m in imported if m.split(".")[0] in ("torch", "hypothesis", "pytest", "kvref", "numpy"))
+    assert len(imported) > 20 and not heavy, heavy[:10]
+    assert f"0/{N_KATAS} katas solved" in proc.stdout and "nothing run yet" in proc.stdout
+
+
+def watch_once(project: Path, *args: str) -> subprocess.CompletedProcess:
+    return kvkata(project, "watch", *args, "--once")
+
+
+def test_watch_shows_a_wrong_answers_whole_message_before_the_board(project_copy):
+    before = learner_files(project_copy)
+    repeat_kv = manifest.card("card00").katas[0]
+    with_solution_of(project_copy, repeat_kv, ("repeat_interleave(G, dim=1)", "repeat(1, G, 1, 1)"))
+    edited = learner_files(project_copy)
+    assert edited != before
+    proc = watch_once(project_copy, "card00")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    out = proc.stdout
+    called = [ln for ln in out.splitlines() if ln.startswith("called repeat_kv(")]
+    assert called, out
+    # The whole message (pytest's short summary would cut it at 80 columns): what was called, what came
+    # back, what was expected, the tolerance at its end, and the test and kata it comes from.
+    assert "got " in called[0] and "expected " in called[0] and "(tolerance " in called[0], called[0]
+    assert f"(kata card00 repeat_kv, {repeat_kv.where()})" in out
+    assert out.index(called[0]) < out.index(f"] 0/{N_KATAS} katas solved") < out.index("next: fix card00 repeat_kv")
+    assert learner_files(project_copy) == edited, "watch must not write the learner's files"
+
+
+def test_watch_shows_a_syntax_error_in_full_with_file_line_and_code(project_copy):
+    stub = project_copy / STUB01
+    stub.write_text(stub.read_text() + "\ndef broken(:\n")
+    line = len(stub.read_text().splitlines())
+    proc = watch_once(project_copy, "card01")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert f'  File "{STUB01.as_posix()}", line {line}\n    def broken(:\n' in out, out
+    assert re.search(r"\n\s+\^+\nSyntaxError: ", out), out
+    assert f"{STUB01.as_posix()} does not import: SyntaxError at {STUB01.as_posix()}:{line}" in out
+    assert re.search(rf"card01\s+{re.escape(CARD01.title)}\s+does not import", out)
+
+
+def test_watch_without_a_card_starts_at_the_first_unsolved_kata_and_moves_on_when_it_passes(project_copy):
+    card00 = manifest.card("card00")
+    # card00 solved earlier (its record, with the stubs' current hashes): watch starts in card01.
+    settled = {progress.key(k): ("solved", 1, "") for k in card00.katas}
+    progress.record_run(settled, root=project_copy)
+    first, second = CARD01.katas[:2]
+    with_solution_of(project_copy, first)
+    proc = watch_once(project_copy)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert out.splitlines()[0].startswith(f"kvkata watch: starting with card01 {first.name}"), out
+    assert f"card01 {first.name}: SOLVED" in out
+    assert f"moving on to card01 {second.name}" in out
+    assert f"TODO card01 {second.name}: edit" in out
+    assert out.index(f"card01 {first.name}: SOLVED") < out.index(f"TODO card01 {second.name}")
+    assert "card00 repeat_kv" not in out.split("moving on")[0]

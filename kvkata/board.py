@@ -1,10 +1,14 @@
-"""The progress board and the rendering of interviewer notes, from data, never from a stored claim."""
+"""The progress board and the rendering of interviewer notes.
+
+The board shows every kata's saved result (kvkata.progress: what its last run said, and whether its
+stub changed since), with what the run just finished adds; it never runs anything itself.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvkata import manifest
+from kvkata import manifest, progress
 
 
 @dataclass
@@ -64,53 +68,105 @@ def tally(state: RunState) -> list[tuple[manifest.Card, list[KataStatus]]]:
     return table
 
 
+def settled(state: RunState) -> dict[str, tuple[str, int, str]]:
+    """The katas this run settled, as kvkata.progress records them: key -> (outcome, tests, note).
+
+    Solved when all the kata's tests ran and passed, failing when one failed (or its module does not
+    import), todo when every test met the stub; a kata partly run (all passing) settles nothing.
+    """
+    out = {}
+    for _, statuses in tally(state):
+        for s in statuses:
+            if s.state in ("solved", "failing", "todo"):
+                out[progress.key(s.kata)] = (s.state, s.total, "")
+            elif s.state == "does not import":
+                out[progress.key(s.kata)] = ("failing", s.total, "does not import")
+    return out
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def render(state: RunState) -> list[str]:
-    lines, not_run = [], []
-    next_up = None
-    width = max(40, *(len(c.title) for c in manifest.cards()))  # every bar in one column
-    for card, statuses in tally(state):
-        run = [s for s in statuses if s.state != "not run"]
-        solved = sum(s.state == "solved" for s in statuses)
-        if not run:
-            not_run.append(card.id)
-            continue
-        if card.id in state.broken:
+MARKS = {"solved": "#", "failing": "x", "todo": "-", "not run": ".", "stale": "~"}
+LEGEND = ("marks: # solved   x failing   - still the stub   . not run yet   "
+          "~ stale: edited since its last run")
+BAR = 39  # the overall bar's width, in characters
+
+
+def _width() -> int:
+    return max(40, *(len(c.title) for c in manifest.cards()))  # every card's bar in one column
+
+
+def overall(status: dict[str, str]) -> str:
+    """One line: how many of all the katas are solved, as a bar."""
+    total, solved = len(status), sum(s == "solved" for s in status.values())
+    filled = round(BAR * solved / total) if total else 0
+    return f"  overall  [{'#' * filled}{'.' * (BAR - filled)}] {solved}/{total} katas solved"
+
+
+def render(state: RunState | None = None, record: dict | None = None, status: dict[str, str] | None = None) -> list[str]:
+    """The whole board: every card, from the saved progress (`record`, as merged with this run).
+
+    `state`, the run just finished (if any), adds what only it knows: a card that does not import,
+    a kata that passed only in part, tests skipped, and which kata to work on next.
+    """
+    status = progress.statuses(record) if status is None else status
+    broken = state.broken if state is not None else {}
+    lines, width = [overall(status)], _width()
+    for card in manifest.cards():
+        marks = [status[progress.key(k)] for k in card.katas]
+        solved = marks.count("solved")
+        if card.id in broken:
             lines.append(f"  {card.id}  {card.title:<{width}} does not import: see above")
-            if next_up is None:
-                next_up = ("broken", card)
             continue
-        bar = "".join("#" if s.state == "solved" else "." for s in statuses)
-        lines.append(f"  {card.id}  {card.title:<{width}} [{bar}] {solved}/{_plural(len(statuses), 'kata')} solved")
+        bar = "".join(MARKS[m] for m in marks)
+        lines.append(f"  {card.id}  {card.title:<{width}} [{bar}] {solved}/{_plural(len(marks), 'kata')} solved")
+    lines += _this_run(state) if state is not None else []
+    lines.append("  " + LEGEND)
+    lines.append(_next_line(state, status))
+    return lines
+
+
+def _this_run(state: RunState) -> list[str]:
+    lines = []
+    for _, statuses in tally(state):
         for s in statuses:
             skipped = s.outcomes.count("skipped")
             if s.state == "solved" and skipped:
-                lines.append(f"          {s.kata.name}: solved here; {_plural(skipped, 'test')} skipped and counted as "
-                             f"passed (a GPU-only check without a CUDA device; pytest -rs says why)")
+                lines.append(f"  {s.kata.card} {s.kata.name}: solved here; {_plural(skipped, 'test')} skipped and "
+                             "counted as passed (a GPU-only check without a CUDA device; pytest -rs says why)")
             if s.state == "partial":
-                lines.append(f"          {s.kata.name}: {len(s.outcomes)} of {_plural(s.total, 'test')} ran and passed; "
-                             f"solved once all of them pass in one run (pytest -k {s.kata.name})")
-        if next_up is None:
-            pending = next((s for s in statuses if s.state in ("failing", "todo")), None)
-            if pending is not None:
-                next_up = ("kata", pending)
-    if not_run:
-        lines.append(f"  not run in this session: {', '.join(not_run)}")
-    if next_up is not None and next_up[0] == "broken":
-        card = next_up[1]
-        lines.append(f"  next: make katas/{card.dir}/ import again (pytest -k {card.id})")
-    elif next_up is not None:
-        s = next_up[1]
-        k = s.kata
-        verb = "fix" if s.state == "failing" else "fill in"
-        lines.append(f"  next: {verb} {k.card} {k.name} in {k.where()}   (pytest -k {k.name}; kvkata hint {k.card})")
-    elif any(s.state == "partial" for _, statuses in tally(state) for s in statuses):
-        lines.append("  every test run in this session passes; run the whole kata to count it solved.")
-    elif any(s.state != "not run" for _, statuses in tally(state) for s in statuses):
-        lines.append("  every kata run in this session passes.")
+                lines.append(f"  {s.kata.card} {s.kata.name}: {len(s.outcomes)} of {_plural(s.total, 'test')} ran and "
+                             f"passed; solved once all of them pass in one run (pytest -k {s.kata.name})")
+    return lines
+
+
+def _next_line(state: RunState | None, status: dict[str, str]) -> str:
+    """What to do next: a card of this run that does not import, else this run's first unsolved kata,
+    else the first unsolved kata of all."""
+    if state is not None and state.broken:
+        card = next(c for c in manifest.cards() if c.id in state.broken)
+        return f"  next: make katas/{card.dir}/ import again (pytest -k {card.id})"
+    ran = {(k.card, k.name) for k in state.katas.values()} if state is not None else set()
+    pending = [k for k in manifest.all_katas() if status[progress.key(k)] != "solved"]
+    kata = next((k for k in pending if (k.card, k.name) in ran), pending[0] if pending else None)
+    if kata is None:
+        return "  every kata is solved."
+    verb = {"failing": "fix", "stale": "rerun", "todo": "fill in", "not run": "fill in"}[status[progress.key(kata)]]
+    return f"  next: {verb} {kata.card} {kata.name} in {kata.where()}   (pytest -k {kata.name}; kvkata hint {kata.card})"
+
+
+def render_list(status: dict[str, str]) -> list[str]:
+    """`kvkata list`: every card and kata with its saved status, in aligned columns."""
+    name_w = max(len(k.name) for k in manifest.all_katas())
+    lines = []
+    for card in manifest.cards():
+        lines.append(f"{card.id}  {card.title}")
+        for k in card.katas:
+            st = status[progress.key(k)]
+            lines.append(f"  {MARKS[st]} {k.name:<{name_w}}  {st:<8}  {k.where()}")
+    lines += [overall(status), "  " + LEGEND]
     return lines
 
 

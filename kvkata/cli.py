@@ -5,8 +5,9 @@
     kvkata hint CARD [--level N]  hints for a card's katas (1 = nudge, 2 = method, 3 = near-answer)
     kvkata interview CARD         the interviewer notes for a card
     kvkata interview --live CARD  run the card's tests on the code in katas/ and say what to probe
-    kvkata list                   the cards and their katas
-    kvkata watch [CARD]           rerun a card's tests whenever a file under katas/ is saved
+    kvkata status                 the board from your saved progress, at once (runs nothing)
+    kvkata list                   the cards and their katas, with each kata's saved status
+    kvkata watch [CARD] [--once]  rerun the kata you are on whenever a file under katas/ is saved
     kvkata reset CARD [KATA]      put a card's stubs (or one kata) back, after backing up your file
     kvkata restore [ID]           list the backups, or bring one back (backing up what it replaces)
     kvkata plot [--out DIR]       figures from kvref's models and the benchmarks, as PNGs
@@ -18,15 +19,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
-from kvkata import ROOT, board, manifest
+from kvkata import ROOT, board, manifest, progress, runner
 
 
 def _card_or_exit(card_id: str) -> manifest.Card:
@@ -38,34 +36,47 @@ def _card_or_exit(card_id: str) -> manifest.Card:
         raise SystemExit(2) from None
 
 
+def _learner_run(args: list[str]) -> runner.Result:
+    """The learner's tests in a new interpreter, in learner mode whatever KVKATA_MODE says."""
+    return runner.run(["-q", "--tb=no", "--no-header", "--learner", *args], env=dict(os.environ, KVKATA_MODE="learner"))
+
+
 def cmd_board(args) -> int:
     """Run the learner's tests in a subprocess and build the board from their real outcomes."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "results.json"
-        cmd = [sys.executable, "-m", "pytest", "-q", "--tb=no", "--no-header",
-               "--learner", f"--kvkata-json={out}"]
-        if args.k:
-            cmd += ["-k", args.k]
-        env = dict(os.environ, KVKATA_MODE="learner")
-        print(f"kvkata: running your katas ({' '.join(cmd[3:])}) ...", flush=True)
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        data = json.loads(out.read_text()) if out.exists() else None
-    if data is None or proc.returncode not in (0, 1) or not data["tests"]:
+    selected = ["-k", args.k] if args.k else []
+    print(f"kvkata: running your katas (pytest {' '.join(selected) or 'with every card'}) ...", flush=True)
+    result = _learner_run(selected)
+    data = result.data
+    if data is None or result.returncode not in (0, 1) or not data["tests"]:
         # Interrupted (a test module that does not import, a usage error) or nothing selected:
         # show pytest's own words rather than an empty board.
-        print(proc.stdout[-4000:], proc.stderr[-4000:], sep="\n", file=sys.stderr)
+        print(result.output[-8000:], file=sys.stderr)
         why = "no test was selected" if data is not None and not data["tests"] else "the test run did not finish"
         print(f"kvkata: {why}; see pytest's output above.", file=sys.stderr)
-        return proc.returncode or 2
+        return result.returncode or 2
     state = board.RunState.from_json(data)
     outcomes = list(state.results.values())
     counts = {o: outcomes.count(o) for o in ("passed", "failed", "todo", "broken", "skipped")}
     print("kvkata progress (" + ", ".join(f"{n} {o}" for o, n in counts.items() if n) + ")")
     for card_id, why in state.broken.items():
         print(f"  {card_id} does not import: {why}")
-    for line in board.render(state):
+    for line in board.render(state, progress.after_run(board.settled(state))):
         print(line)
     return 0 if counts["failed"] == counts["todo"] == counts["broken"] == 0 else 1
+
+
+def cmd_status(args) -> int:
+    """The board from the saved progress: runs nothing, imports no torch."""
+    saved = progress.load()
+    if saved:
+        latest = max(entry.get("time", "") for entry in saved.values())
+        print(f"kvkata progress, as your runs left it (the latest at {latest.replace('T', ' ')}; "
+              "pytest, kvkata and kvkata watch update it):")
+    else:
+        print("kvkata progress: nothing run yet (pytest, kvkata and kvkata watch save what they run):")
+    for line in board.render(None, status=progress.statuses(saved)):
+        print(line)
+    return 0
 
 
 def cmd_hint(args) -> int:
@@ -101,15 +112,11 @@ def cmd_interview(args) -> int:
 
 def live_interview(card: manifest.Card) -> int:
     """Run the card's tests on katas/ (the candidate's code) and map each failing test to what it probes."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "results.json"
-        cmd = [sys.executable, "-m", "pytest", "-q", "--tb=no", "--no-header", "--learner", f"--kvkata-json={out}",
-               "-k", card.id]
-        print(f"kvkata: running {card.id}'s tests on the code in katas/{card.dir}/ ...", flush=True)
-        proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, KVKATA_MODE="learner"), capture_output=True, text=True)
-        data = json.loads(out.read_text()) if out.exists() else None
+    print(f"kvkata: running {card.id}'s tests on the code in katas/{card.dir}/ ...", flush=True)
+    result = _learner_run(["-k", card.id])
+    data = result.data
     if data is None or not data["tests"]:
-        print(proc.stdout[-4000:], proc.stderr[-4000:], sep="\n", file=sys.stderr)
+        print(result.output[-8000:], file=sys.stderr)
         print("kvkata: the test run did not finish; see pytest's output above.", file=sys.stderr)
         return 2
     notes = card.notes()
@@ -144,7 +151,7 @@ def cmd_watch(args) -> int:
     from kvkata.watch import watch
     if args.card:
         _card_or_exit(args.card)
-    return watch(args.card)
+    return watch(args.card, once=args.once)
 
 
 def cmd_reset(args) -> int:
@@ -234,10 +241,8 @@ def cmd_cards(args) -> int:
 
 
 def cmd_list(args) -> int:
-    for card in manifest.cards():
-        print(f"{card.id}  {card.title}")
-        for k in card.katas:
-            print(f"    {k.name:<24} {k.where()}")
+    for line in board.render_list(progress.statuses()):
+        print(line)
     return 0
 
 
@@ -253,9 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     p_int = sub.add_parser("interview", help="interviewer notes for a card")
     p_int.add_argument("card")
     p_int.add_argument("--live", action="store_true", help="run the card's tests on katas/ and say what to probe")
-    sub.add_parser("list", help="the cards and their katas")
-    p_watch = sub.add_parser("watch", help="rerun a card's tests whenever a file under katas/ is saved")
-    p_watch.add_argument("card", nargs="?")
+    sub.add_parser("status", help="the board from your saved progress, at once (runs nothing)")
+    sub.add_parser("list", help="the cards and their katas, with each kata's saved status")
+    p_watch = sub.add_parser("watch", help="rerun the kata you are on whenever a file under katas/ is saved")
+    p_watch.add_argument("card", nargs="?", help="the card to start in (default: the first with a kata not yet solved)")
+    p_watch.add_argument("--once", action="store_true", help="run the current kata once, print, and exit")
     p_reset = sub.add_parser("reset", help="put a card's stubs (or one kata) back, after a backup of your file")
     p_reset.add_argument("card")
     p_reset.add_argument("kata", nargs="?")
@@ -271,9 +278,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["board"])
-    return {"board": cmd_board, "hint": cmd_hint, "interview": cmd_interview, "list": cmd_list, "watch": cmd_watch,
-            "reset": cmd_reset, "restore": cmd_restore, "snapshot": cmd_snapshot, "plot": cmd_plot,
-            "explore": cmd_explore, "cards": cmd_cards}[args.command](args)
+    command = {"board": cmd_board, "status": cmd_status, "hint": cmd_hint, "interview": cmd_interview,
+               "list": cmd_list, "watch": cmd_watch, "reset": cmd_reset, "restore": cmd_restore,
+               "snapshot": cmd_snapshot, "plot": cmd_plot, "explore": cmd_explore, "cards": cmd_cards}[args.command]
+    try:
+        return command(args)
+    except BrokenPipeError:  # `kvkata list | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import kvkata
 from kvkata import board, manifest
 from kvkata.check import Mismatch
 from kvkata.formula import FormulaOnly
+from kvkata import progress
 
 TODO_KEY, BROKEN_KEY, KATA_KEY = "kvkata_todo", "kvkata_broken", "kvkata_kata"
 KVREF = kvkata.ROOT / "kvref"
@@ -317,15 +318,29 @@ def _state(config: pytest.Config) -> board.RunState:
                           durations=dict(config.stash[_durations_key]))
 
 
+_unsaved_key = pytest.StashKey[str]()  # why .kvkata/progress.json could not be written
+
+
+def _narrowed(config: pytest.Config) -> bool:
+    """The run named test ids (file::test): a kata's collected tests may then be fewer than it has."""
+    return any("::" in arg for arg in config.args)
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    state = _state(session.config)
+    if kvkata.mode() == "learner" and state.katas:
+        try:
+            progress.record_run(board.settled(state), narrowed=_narrowed(session.config))
+        except OSError as exc:  # a read-only checkout: the run still reports, the record is not kept
+            session.config.stash[_unsaved_key] = str(exc)
     path = session.config.getoption("kvkata_json")
     if path:
-        Path(path).write_text(json.dumps({"mode": kvkata.mode(), **_state(session.config).to_json()}, indent=1))
+        Path(path).write_text(json.dumps({"mode": kvkata.mode(), **state.to_json()}, indent=1))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     state = _state(config)
-    if not state.katas:
+    if not state.katas or config.getoption("collectonly"):
         return
     tw = terminalreporter
     if kvkata.mode() == "learner":
@@ -344,8 +359,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
             for line in todos:
                 tw.line(line)
         tw.section("kvkata progress", sep="=")
-        for line in board.render(state):
+        record = progress.after_run(board.settled(state), narrowed=_narrowed(config))
+        for line in board.render(state, record):
             tw.line(line)
+        if config.stash.get(_unsaved_key, None):
+            tw.line(f"  (this run's results are not saved: {config.stash[_unsaved_key]})")
     elif kvkata.mode() == "interviewer":
         for card_id in sorted({k.card for k in state.katas.values()}):
             tw.section(f"interviewer notes: {card_id}", sep="=")

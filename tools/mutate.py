@@ -20,7 +20,6 @@ import argparse
 import ast
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kvkata import manifest  # noqa: E402
+from kvkata import manifest, runner  # noqa: E402
 
 BINOPS = {ast.Add: [ast.Sub, ast.Mult], ast.Sub: [ast.Add], ast.Mult: [ast.Add, ast.Div], ast.Div: [ast.Mult, ast.FloorDiv],
           ast.FloorDiv: [ast.Mult, ast.Mod], ast.Mod: [ast.FloorDiv], ast.Pow: [ast.Mult]}
@@ -85,39 +84,13 @@ PROJECT_PACKAGES = {"kvkata", "kvref", "katas", "solutions", "conftest", "tools"
 
 def preload() -> None:
     """Import the heavy third-party modules once, before the first fork."""
-    import hypothesis  # noqa: F401
-    import pytest  # noqa: F401
-    import torch
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton, as the root conftest does
-    for optional in ("transformers", "triton", "numpy"):
-        try:
-            __import__(optional)
-        except ImportError:
-            pass
+    runner.preload(extra=("transformers", "triton", "numpy"))
 
 
 def killed_in_fork(work: Path, args: list[str], env: dict, timeout: int) -> bool:
     """Run pytest `args` in a forked child on the scratch copy `work`; True when the tests fail or hang."""
-    pid = os.fork()
-    if pid == 0:  # the child: never returns
-        code = 99
-        try:
-            signal.alarm(timeout)  # a hanging mutant dies of SIGALRM: killed
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, 1), os.dup2(null, 2)
-            for name in list(sys.modules):
-                if name.split(".")[0] in PROJECT_PACKAGES:
-                    del sys.modules[name]
-            os.environ.update(env)
-            os.chdir(work)
-            sys.path.insert(0, str(work))
-            import pytest
-            code = int(pytest.main(args))
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0)
+    result = runner.run_forked(args, cwd=work, env=env, timeout=timeout, fresh=tuple(PROJECT_PACKAGES))
+    return result.returncode != 0
 
 
 def main() -> int:
@@ -155,9 +128,7 @@ def main() -> int:
                     dead = killed_in_fork(work, pytest_args, env, args.timeout)
                 else:
                     try:
-                        proc = subprocess.run([sys.executable, "-m", "pytest", *pytest_args],
-                                              cwd=work, env=env, capture_output=True, text=True, timeout=args.timeout)
-                        dead = proc.returncode != 0
+                        dead = runner.run(pytest_args, cwd=work, env=env, timeout=args.timeout).returncode != 0
                     except subprocess.TimeoutExpired:
                         dead = True  # a mutant that hangs is caught by the timeout
                 killed += dead
