@@ -84,7 +84,7 @@ def test_numbers_keep_their_messages():
                                     "arithmetic: // not /); the value is right")
     assert message(torch.tensor(4), 4).endswith("returned tensor(4) of type Tensor: return a Python int "
                                                 "(x.item(), or int(x)); the value is right")
-    with pytest.raises(Mismatch, match="returned tensor\\(2.5\\) of type Tensor: return a Python float"):
+    with pytest.raises(Mismatch, match=r"returned tensor\(2.5\) of type Tensor: return a Python float \(x.item\(\), or float\(x\)\); the value is right"):
         expect_real(CALL, torch.tensor(2.5), 2.5)
 
 

@@ -49,7 +49,7 @@ _FIELD_LABELS = {"n_layers": "L", "n_heads": "H", "n_kv_heads": "Hkv", "head_dim
 # The fields that set a model's weights besides L, H, Hkv, D: for katas that count FLOPs or weight bytes.
 PARAMETER_FIELDS = ("d_model", "d_ff", "vocab_size", "mlp", "tie_embeddings", "n_experts", "experts_per_token",
                     "n_shared_experts", "first_dense_layers", "dense_d_ff", "mla_q_rank")
-_ALWAYS_SHOWN = ("d_model", "d_ff", "vocab_size")  # of PARAMETER_FIELDS; the rest only where they differ from the default
+_ALWAYS_SHOWN = ("d_model", "d_ff", "vocab_size")  # of PARAMETER_FIELDS; the rest where they are not the default
 
 
 def describe_config(cfg, *more: str) -> str:
@@ -182,8 +182,8 @@ def _hint(got: object, expected: object) -> str:
         how = "x.tolist()" if want is list and hasattr(got, "tolist") else _CONTAINER_HOW[want]  # a tensor, an array
         return f"return a {want.__name__}" + (f" ({how})" if how else "")
     kind = _kind_of(expected)
-    if kind == "int" and hasattr(got, "item"):  # a tensor or a numpy value
-        return "return a Python int (x.item(), or int(x))"
+    if hasattr(got, "item"):  # a tensor or a numpy value
+        return f"return a Python {kind} (x.item(), or {kind}(x))"
     return {"int": "return a Python int (int(x), or integer arithmetic: // not /)",
             "float": "return a Python float", "bool": "return a Python bool"}[kind]
 

@@ -93,8 +93,8 @@ def kv_bytes_figure():
                 ha="right")
     ax.set(xscale="log", yscale="log", xlabel="context (tokens, one sequence)", ylabel="KV cache (GiB, bf16)",
            title="KV-cache bytes of one sequence against context (kvref.roofline)")
-    ax.legend(fontsize=6.5, loc="lower right", title="bytes a token = L·2·Hkv·D·bytes (MLA: L·(latent+rope)·bytes)",
-              title_fontsize=6.5)
+    ax.legend(fontsize=6.5, title_fontsize=6.5, loc="lower right",
+              title="bytes a token = L·2·Hkv·D·bytes (MLA: L·(latent+rope)·bytes)")
     return fig
 
 
