@@ -159,7 +159,7 @@ def project_copy(tmp_path: Path) -> Path:
 def pytest_collection_modifyitems(items) -> None:
     # The shared learner and interviewer runs, and any run_suite, start a pytest process: slow tier.
     for item in items:
-        if {"learner_run", "interviewer_run", "project_copy"} & set(getattr(item, "fixturenames", ())):
+        if {"learner_run", "interviewer_run", "project_copy", "page"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
     # The 20 s in pyproject.toml is the kata tests' timeout; the checks run whole suites in
     # subprocesses, so each gets 15 minutes unless it says otherwise.

@@ -197,7 +197,7 @@ def cmd_snapshot(args) -> int:
 def cmd_plot(args) -> int:
     from kvkata.plots import plot_all
     try:
-        written = plot_all(Path(args.out))
+        written = plot_all(Path(args.out), spoilers=args.spoilers)
     except ImportError as e:
         print(f"kvkata plot needs matplotlib ({e}): pip install matplotlib", file=sys.stderr)
         return 2
@@ -271,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("snapshot", help="maintainers: pack the current stubs as the pristine copy")
     p_plot = sub.add_parser("plot", help="figures from kvref's models and the benchmarks, as PNGs")
     p_plot.add_argument("--out", default="kvkata-plots", help="folder to write into (default ./kvkata-plots)")
+    p_plot.add_argument("--spoilers", action="store_true",
+                        help="also copy the bench figures that give answers away: kv_quant_axes (card04's "
+                             "key_axis_errors) and recall_curve (card10's recall_capacity)")
     p_explore = sub.add_parser("explore", help="one self-contained HTML page to explore the cache, from kvref's numbers")
     p_explore.add_argument("--out", default="kvkata-explore.html", help="file to write (default ./kvkata-explore.html)")
     p_cards = sub.add_parser("cards", help="the cards; with --anki PATH, an Anki deck of the interview questions")

@@ -5,7 +5,10 @@ embedded as one JSON blob: the presets (kvref/config.py), bytes per token (kvref
 the bytes one cached position of a small model takes in a real allocated cache
 (kvref/cache.py StaticKVCache), and an example block table from kvref/paging.py's allocator.
 The page's own JavaScript redoes only the simple arithmetic live (the formula is shown on the
-page), and checks/test_explore.py proves in a real browser that it agrees with kvref.
+page): its pure functions (calcView, pagingView) build what the page shows, numbers with their
+digits grouped, and refuse an input kvref would refuse (a batch or a prompt of 0) with a visible
+message; the rest of the script only puts their output on the page. checks/test_explore.py runs
+those functions in node against kvref, and the whole page in a real browser where one is installed.
 """
 
 from __future__ import annotations
@@ -94,6 +97,8 @@ code, .formula { font-family: ui-monospace, monospace; background: #f4f4f4; padd
 table.bt { border-collapse: collapse; margin: 4px 0; } table.bt td, table.bt th { border: 1px solid #ccc; padding: 1px 5px; font-size: 12px; }
 .legend span { display: inline-block; width: 10px; height: 10px; margin: 0 3px 0 10px; }
 .note { color: #555; font-size: 12px; }
+.error { color: #b00020; font-weight: 600; margin: 4px 0; }
+.pblock.over { border: 1px dashed #b00020; color: #b00020; }
 </style></head>
 <body>
 <h1>kvkata explore: the KV cache</h1>
@@ -103,11 +108,12 @@ table.bt { border-collapse: collapse; margin: 4px 0; } table.bt td, table.bt th 
 <section>
 <label>preset <select id="preset"></select></label>
 <label>dtype <select id="dtype"></select></label>
-<label>batch <input id="batch" type="number" min="1" value="1"></label>
-<label>context <input id="context" type="number" min="1" value="8192"></label>
+<label>batch <input id="batch" type="number" min="1" step="1" value="1"></label>
+<label>context <input id="context" type="number" min="1" step="1" value="8192"></label>
+<div class="error" id="calc-error" role="alert" hidden></div>
 <span class="formula" id="formula"></span>
-<div>KV bytes per token: <span class="big" id="per-token"></span> B</div>
-<div>KV cache, batch × context: <span class="big" id="total"></span> B = <span id="total-gib"></span> GiB</div>
+<div>KV bytes per token: <span class="big" id="per-token"></span> B (<span id="per-token-human"></span>)</div>
+<div>KV cache, batch × context: <span class="big" id="total"></span> B = <span class="big" id="total-human"></span></div>
 <div class="note" id="calc-note"></div>
 </section>
 
@@ -124,9 +130,10 @@ table.bt { border-collapse: collapse; margin: 4px 0; } table.bt td, table.bt th 
 
 <h2>3. Paging: block tables (block_size <span id="bs"></span>)</h2>
 <section>
-<label>prompt A <input id="prompt-a" type="number" min="1"></label>
-<label>prompt B <input id="prompt-b" type="number" min="1"></label>
-<label>decode steps <input id="steps" type="number" min="0"></label>
+<label>prompt A <input id="prompt-a" type="number" min="1" step="1"></label>
+<label>prompt B <input id="prompt-b" type="number" min="1" step="1"></label>
+<label>decode steps <input id="steps" type="number" min="0" step="1"></label>
+<div class="error" id="paging-error" role="alert" hidden></div>
 <span class="formula">allocate(A, prompt A); allocate(B, prompt B); each step: append(A), append(B)
 a new physical block is taken (lowest free first) when a sequence's last block is full
 slot of position p = block_table[p // bs] · bs + p % bs;   waste = blocks · bs − length</span>
@@ -139,27 +146,103 @@ slot of position p = block_table[p // bs] · bs + p % bs;   waste = blocks · bs
 <script>
 "use strict";
 const DATA = /*DATA*/null;
-const $ = (id) => document.getElementById(id);
+
+// ---- numbers as a reader reads them ------------------------------------------------------
+function grouped(n) {  // 42949672960 -> "42,949,672,960" (the fraction, if any, kept as is)
+  const [whole, frac] = String(n).split(".");
+  return whole.replace(/\B(?=(\d{3})+(?!\d))/g, ",") + (frac ? "." + frac : "");
+}
+function human(n) {  // binary units, 3 significant digits: "40 GiB", "128 KiB", "1.5 MiB"
+  const units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
+  return `${Number(n.toPrecision(3))} ${units[i]}`;
+}
+function readCount(text, name, least, what) {  // {value} or {error}: a whole number >= least, never a silent default
+  text = String(text);
+  const v = Number(text);
+  if (text.trim() === "" || !Number.isInteger(v) || v < least)
+    return { error: `${name} must be a whole number ≥ ${least}${what ? " (" + what + ")" : ""}: got ${text.trim() === "" ? "nothing" : text}` };
+  return { value: v };
+}
 
 // ---- 1. memory calculator --------------------------------------------------------------
 function kvBytesPerToken(p, dtypeBytes) {
   if (p.mla_latent_dim > 0) return p.n_layers * (p.mla_latent_dim + p.mla_rope_dim) * dtypeBytes;  // MLA: latent + RoPE key
   return 2 * p.n_layers * p.n_kv_heads * p.head_dim * dtypeBytes;  // K and V, every layer, every KV head
 }
+function calcView(name, dtypeName, batchText, contextText) {
+  const p = DATA.presets[name], b = DATA.dtypes[dtypeName];
+  const batch = readCount(batchText, "batch", 1, "sequences"), ctx = readCount(contextText, "context", 1, "tokens");
+  const perToken = kvBytesPerToken(p, b);
+  const view = {
+    formula: p.mla_latent_dim > 0
+      ? `bytes/token = L · (latent + rope) · bytes = ${p.n_layers} · (${p.mla_latent_dim} + ${p.mla_rope_dim}) · ${b}`
+      : `bytes/token = 2 (K and V) · L · Hkv · D · bytes = 2 · ${p.n_layers} · ${p.n_kv_heads} · ${p.head_dim} · ${b}`,
+    perToken: grouped(perToken), perTokenHuman: human(perToken),
+    error: [batch.error, ctx.error].filter(Boolean).join("; "),
+  };
+  if (view.error) { view.total = view.totalHuman = "—"; view.note = ""; return view; }
+  const total = batch.value * ctx.value * perToken;
+  view.total = grouped(total); view.totalHuman = human(total);
+  view.note = `${name}: H=${p.n_heads} query heads, Hkv=${p.n_kv_heads} KV heads; kvref at bf16: ${grouped(p.kvref_bytes_per_token_bf16)} B/token.`;
+  if (p.sliding_window) view.note += ` Sliding window W=${grouped(p.sliding_window)}: a rolling buffer would keep only W positions; this counts all (as kvref.roofline.memory_needed).`;
+  if (ctx.value > p.max_seq_len) view.note += ` Context is past the model's ${grouped(p.max_seq_len)} positions.`;
+  return view;
+}
+
+// ---- 3. paging: the allocator's rule, replayed -------------------------------------------
+function pagingTables(promptA, promptB, steps, bs) {
+  let nextFree = 0;  // a fresh pool, nothing freed: the free list hands out 0, 1, 2, ...
+  const seqs = { A: { len: 0, table: [] }, B: { len: 0, table: [] } };
+  const add = (s) => { if (s.len % bs === 0) s.table.push(nextFree++); s.len += 1; };
+  for (let i = 0; i < promptA; i++) add(seqs.A);
+  for (let i = 0; i < promptB; i++) add(seqs.B);
+  for (let i = 0; i < steps; i++) { add(seqs.A); add(seqs.B); }
+  for (const s of Object.values(seqs)) s.waste = s.table.length * bs - s.len;
+  return seqs;
+}
+function pagingView(aText, bText, stepsText) {
+  const bs = DATA.block_size, n = DATA.num_blocks;
+  const why = "kvref's allocate: a sequence starts with at least one token";
+  const a = readCount(aText, "prompt A", 1, why), b = readCount(bText, "prompt B", 1, why);
+  const steps = readCount(stepsText, "decode steps", 0, "");
+  const error = [a.error, b.error, steps.error].filter(Boolean).join("; ");
+  if (error) return { error, rows: "", pool: "", note: "" };
+  const seqs = pagingTables(a.value, b.value, steps.value, bs);
+  const used = seqs.A.table.length + seqs.B.table.length;
+  let rows = "<tr><th>sequence</th><th>length</th><th>block table (logical → physical)</th><th>waste slots</th></tr>";
+  for (const [name, s] of Object.entries(seqs))
+    rows += `<tr id="bt-${name}"><td>${name}</td><td class="len">${s.len}</td><td class="table">${s.table.join(", ")}</td><td class="waste">${s.waste}</td></tr>`;
+  const owner = {};
+  for (const [name, s] of Object.entries(seqs)) s.table.forEach((blk, i) => {
+    owner[blk] = { name, fill: Math.min(bs, s.len - i * bs), logical: i };
+  });
+  // Every block counted is drawn: the whole pool, used or free, then any block it lacks.
+  let pool = "";
+  for (let blk = 0; blk < Math.max(n, used); blk++) {
+    const o = owner[blk];
+    const over = blk >= n ? " over" : "", label = blk >= n ? "no block" : `#${blk}`;
+    pool += o ? `<div class="pblock ${o.name}${over}">${label} ${o.name}[${o.logical}]<div class="fill"><div style="width:${100 * o.fill / bs}%"></div></div>${o.fill}/${bs}</div>`
+              : `<div class="pblock">#${blk} free<div class="fill"></div>0/${bs}</div>`;
+  }
+  const note = used > n ? `needs ${grouped(used)} blocks: more than the pool's ${n} (kvref raises OutOfBlocks); the ${used - n} it lacks are drawn dashed`
+    : `${used} of ${n} physical blocks used, ${n - used} free; the waste is under one block per sequence.`;
+  return { error: "", rows, pool, note, used };
+}
+
+// ---- the page ------------------------------------------------------------------------------
+if (typeof document !== "undefined") {
+const $ = (id) => document.getElementById(id);
+function showError(id, text) { $(id).textContent = text; $(id).hidden = !text; }
 function updateCalc() {
-  const name = $("preset").value, p = DATA.presets[name], b = DATA.dtypes[$("dtype").value];
-  const batch = Math.max(1, parseInt($("batch").value) || 1), ctx = Math.max(1, parseInt($("context").value) || 1);
-  const perToken = kvBytesPerToken(p, b), total = batch * ctx * perToken;
-  $("formula").textContent = p.mla_latent_dim > 0
-    ? `bytes/token = L · (latent + rope) · bytes = ${p.n_layers} · (${p.mla_latent_dim} + ${p.mla_rope_dim}) · ${b}`
-    : `bytes/token = 2 (K and V) · L · Hkv · D · bytes = 2 · ${p.n_layers} · ${p.n_kv_heads} · ${p.head_dim} · ${b}`;
-  $("per-token").textContent = String(perToken);
-  $("total").textContent = String(total);
-  $("total-gib").textContent = (total / 2 ** 30).toFixed(2);
-  let note = `${name}: H=${p.n_heads} query heads, Hkv=${p.n_kv_heads} KV heads; kvref at bf16: ${p.kvref_bytes_per_token_bf16} B/token.`;
-  if (p.sliding_window) note += ` Sliding window W=${p.sliding_window}: a rolling buffer would keep only W positions; this counts all (as kvref.roofline.memory_needed).`;
-  if (ctx > p.max_seq_len) note += ` Context is past the model's ${p.max_seq_len} positions.`;
-  $("calc-note").textContent = note;
+  const name = $("preset").value;
+  const v = calcView(name, $("dtype").value, $("batch").value, $("context").value);
+  showError("calc-error", v.error);
+  $("formula").textContent = v.formula;
+  $("per-token").textContent = v.perToken; $("per-token-human").textContent = v.perTokenHuman;
+  $("total").textContent = v.total; $("total-human").textContent = v.totalHuman;
+  $("calc-note").textContent = v.note;
 }
 
 // ---- 2. the cache filling ----------------------------------------------------------------
@@ -186,47 +269,17 @@ function paintGrid() {
     const t = +c.dataset.t;
     c.className = "cell" + (t < cached ? (t < toy.prompt ? " prefill" : " decode") : "");
   }
-  $("cached-positions").textContent = String(cached);
-  $("cached-rows").textContent = String(toy.n_layers * toy.n_kv_heads * cached);
-  $("cache-bytes").textContent = String(toy.n_layers * toy.fp16_bytes_per_position_per_layer * cached);
+  $("cached-positions").textContent = grouped(cached);
+  $("cached-rows").textContent = grouped(toy.n_layers * toy.n_kv_heads * cached);
+  $("cache-bytes").textContent = grouped(toy.n_layers * toy.fp16_bytes_per_position_per_layer * cached);
   $("decode").disabled = !prefilled || cached >= toy.max_positions;
   $("prefill").disabled = prefilled;
 }
 
-// ---- 3. paging: the allocator's rule, replayed -------------------------------------------
-function pagingTables(promptA, promptB, steps, bs) {
-  let nextFree = 0;  // a fresh pool, nothing freed: the free list hands out 0, 1, 2, ...
-  const seqs = { A: { len: 0, table: [] }, B: { len: 0, table: [] } };
-  const add = (s) => { if (s.len % bs === 0) s.table.push(nextFree++); s.len += 1; };
-  for (let i = 0; i < promptA; i++) add(seqs.A);
-  for (let i = 0; i < promptB; i++) add(seqs.B);
-  for (let i = 0; i < steps; i++) { add(seqs.A); add(seqs.B); }
-  for (const s of Object.values(seqs)) s.waste = s.table.length * bs - s.len;
-  return seqs;
-}
 function updatePaging() {
-  const bs = DATA.block_size;
-  const a = Math.max(1, parseInt($("prompt-a").value) || 1), b = Math.max(1, parseInt($("prompt-b").value) || 1);
-  const steps = Math.max(0, parseInt($("steps").value) || 0);
-  const seqs = pagingTables(a, b, steps, bs);
-  const used = seqs.A.table.length + seqs.B.table.length;
-  let html = "<tr><th>sequence</th><th>length</th><th>block table (logical → physical)</th><th>waste slots</th></tr>";
-  for (const [name, s] of Object.entries(seqs))
-    html += `<tr id="bt-${name}"><td>${name}</td><td class="len">${s.len}</td><td class="table">${s.table.join(", ")}</td><td class="waste">${s.waste}</td></tr>`;
-  $("bt").innerHTML = html;
-  const owner = {};
-  for (const [name, s] of Object.entries(seqs)) s.table.forEach((blk, i) => {
-    owner[blk] = { name, fill: Math.min(bs, s.len - i * bs), logical: i };
-  });
-  let pool = "";
-  for (let blk = 0; blk < Math.min(DATA.num_blocks, Math.max(used + 4, 16)); blk++) {
-    const o = owner[blk];
-    pool += o ? `<div class="pblock ${o.name}">#${blk} ${o.name}[${o.logical}]<div class="fill"><div style="width:${100 * o.fill / bs}%"></div></div>${o.fill}/${bs}</div>`
-              : `<div class="pblock">#${blk} free<div class="fill"></div>0/${bs}</div>`;
-  }
-  $("pool").innerHTML = pool;
-  $("paging-note").textContent = used > DATA.num_blocks ? `needs ${used} blocks: more than the pool's ${DATA.num_blocks} (kvref raises OutOfBlocks)`
-    : `${used} of ${DATA.num_blocks} physical blocks used; the waste is under one block per sequence.`;
+  const v = pagingView($("prompt-a").value, $("prompt-b").value, $("steps").value);
+  showError("paging-error", v.error);
+  $("bt").innerHTML = v.rows; $("pool").innerHTML = v.pool; $("paging-note").textContent = v.note;
 }
 
 // ---- wiring ------------------------------------------------------------------------------
@@ -236,7 +289,7 @@ $("preset").value = "llama-3-8b"; $("dtype").value = "bf16 / fp16";
 for (const id of ["preset", "dtype", "batch", "context"]) $(id).addEventListener("input", updateCalc);
 $("toy-desc").textContent = `A small model (L=${toy.n_layers} layers, H=${toy.n_heads} query heads sharing Hkv=${toy.n_kv_heads} KV heads, D=${toy.head_dim}). ` +
   `Prefill writes all ${toy.prompt} prompt positions at once; each decode step adds one column in every layer and KV head. ` +
-  `Bytes per position per layer were measured on kvref's StaticKVCache: ${toy.fp16_bytes_per_position_per_layer} B.`;
+  `Bytes per position per layer were measured on kvref's StaticKVCache: ${grouped(toy.fp16_bytes_per_position_per_layer)} B.`;
 $("prefill").addEventListener("click", () => { cached = toy.prompt; prefilled = true; paintGrid(); });
 $("decode").addEventListener("click", () => { if (cached < toy.max_positions) cached += 1; paintGrid(); });
 let timer = null;
@@ -253,6 +306,7 @@ $("prompt-a").value = DATA.paging_example.prompt_a; $("prompt-b").value = DATA.p
 $("steps").value = DATA.paging_example.steps;
 for (const id of ["prompt-a", "prompt-b", "steps"]) $(id).addEventListener("input", updatePaging);
 buildGrid(); paintGrid(); updateCalc(); updatePaging();
+}
 </script>
 </body></html>
 """

@@ -17,7 +17,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import kvkata
-from kvkata.check import call_str, expect, expect_equal, expect_real, plural
+from kvkata.check import PARAMETER_FIELDS, call_str, describe, describe_config, expect, expect_equal, expect_real, plural
 from kvref.config import PRESETS, ModelConfig, preset
 from kvref.hardware import H100_SXM, H200, HARDWARE, Hardware
 from kvref.measure import (cache_nbytes, kv_bytes_per_token_measured, kv_cache_bytes_measured, kv_recompute_flops_measured,
@@ -72,7 +72,7 @@ class Shown:
 
 
 def shown(x) -> Shown:
-    return Shown(x.name if isinstance(x, Hardware) else repr(x))
+    return Shown(describe_config(x, *PARAMETER_FIELDS) if isinstance(x, ModelConfig) else describe(x))
 
 
 def prompt_ids(cfg, batch, length, seed=0):
@@ -158,7 +158,7 @@ def test_kv_bytes_per_token_of_every_real_preset_match_a_one_token_cache():
     for name in GQA_PRESET_NAMES:
         for dtype in (torch.float32, torch.bfloat16, torch.float8_e4m3fn, torch.int8):
             got = impl.kv_bytes_per_token(PRESETS[name], dtype)
-            expect_equal(call_str("kv_bytes_per_token", Shown(f"preset({name!r})"), dtype), got,
+            expect_equal(call_str("kv_bytes_per_token", preset(name), dtype), got,
                          kv_bytes_per_token_measured(PRESETS[name], dtype),
                          "the .nbytes of a one-token cache of the real shapes (meta device)")
 
@@ -168,7 +168,7 @@ def test_llama_2_70b_caches_327_680_bytes_per_token_so_1000_tokens_take_0_33_gb(
     cfg = preset("llama-2-70b")
     per_token = impl.kv_bytes_per_token(cfg, torch.bfloat16)
     measured = kv_cache_bytes_measured(cfg, 1, 1000, torch.bfloat16)
-    expect_equal(f"1000 * {call_str('kv_bytes_per_token', Shown('preset(llama-2-70b)'), torch.bfloat16)}",
+    expect_equal(f"1000 * {call_str('kv_bytes_per_token', preset('llama-2-70b'), torch.bfloat16)}",
                  1000 * per_token if isinstance(per_token, int) else per_token, measured,
                  ".nbytes of a 1000-token bf16 cache: 0.33 GB. A widely shared answer says 1.2 GB: that is one of "
                  "K and V with all 64 heads (GQA keeps 8)")
@@ -220,7 +220,7 @@ def test_fits_in_memory_of_real_models_on_real_devices():
         cfg = PRESETS[name]
         weights = weight_nbytes(meta_model(cfg, torch.bfloat16)) // 2 * dtype.itemsize  # one dtype for every parameter
         fits = weights + kv_cache_bytes_measured(cfg, batch, seq_len, dtype) <= hw.memory_bytes
-        expect_equal(call_str("fits_in_memory", Shown(f"preset({name!r})"), shown(hw), batch, seq_len, dtype),
+        expect_equal(call_str("fits_in_memory", preset(name), shown(hw), batch, seq_len, dtype),
                      impl.fits_in_memory(cfg, hw, batch, seq_len, dtype), fits, why)
 
 
@@ -261,7 +261,7 @@ def test_roofline_step_time_uses_the_peak_of_the_dtype_it_computes_in():
     for dtype in (torch.bfloat16, torch.float32, torch.float8_e4m3fn):
         got = impl.roofline_step_time(cfg, H100_SXM, 1, 2047, dtype, False)
         want = roofline(flops, weight_bytes_read(meta_model(cfg, torch.bfloat16)) // 2 * dtype.itemsize, H100_SXM, dtype)
-        expect_real(call_str("roofline_step_time", Shown("preset('llama-3-8b')"), Shown("H100-SXM"), 1, 2047, dtype,
+        expect_real(call_str("roofline_step_time", preset("llama-3-8b"), H100_SXM, 1, 2047, dtype,
                              False), got, want,
                     why=f"{flops:,} FLOPs (FlopCounterMode) at the H100's dense {dtype} peak, "
                         f"{H100_SXM.peak_flops(dtype) / 1e12:.4g} TFLOP/s (fp32 matmuls do not use TF32 by default)")
@@ -280,13 +280,13 @@ def test_roofline_step_time_of_llama_2_70b_on_devices_it_fits():
     for hw in (H100_SXM.tensor_parallel(2), H200):
         got = impl.roofline_step_time(cfg, hw, 1, 4095, torch.bfloat16, True)
         want = bytes_ / hw.mem_bandwidth  # 1.5e11 FLOPs would take 0.08 ms at 2 x 989 TFLOP/s: memory-bound
-        expect_real(call_str("roofline_step_time", Shown("preset('llama-2-70b')"), shown(hw), 1, 4095, torch.bfloat16,
+        expect_real(call_str("roofline_step_time", preset("llama-2-70b"), shown(hw), 1, 4095, torch.bfloat16,
                              True), got, want,
                     why=f"{want * 1e3:.4g} ms: {bytes_ / 1e9:.4g} GB (.nbytes of the weight matrices and of 4,096 positions "
                         f"of K/V) at {hw.mem_bandwidth / 1e12:.3g} TB/s; the step's 1.5e11 FLOPs take under 0.2 ms")
     # 64 sequences add 86 GB of K/V: 224 GB fit four H100s (342 GB), not an H200.
     got = impl.roofline_step_time(cfg, H100_SXM.tensor_parallel(4), 64, 4095, torch.bfloat16, True)
-    expect_real(call_str("roofline_step_time", Shown("preset('llama-2-70b')"), Shown("4xH100-SXM"), 64, 4095,
+    expect_real(call_str("roofline_step_time", preset("llama-2-70b"), H100_SXM.tensor_parallel(4), 64, 4095,
                          torch.bfloat16, True), got, 0.016666, rel=1e-3,
                 why="about 16.67 ms: 137.4 GB of weight matrices and 85.9 GB of K/V at 4 x 3.35 TB/s")
 
@@ -321,7 +321,7 @@ def test_roofline_step_time_obeys_the_roofline_laws_on_real_presets(draw):
     def t(hw_=hw, seq_len_=seq_len, use_cache=True):
         return impl.roofline_step_time(cfg, hw_, batch, seq_len_, dtype, use_cache)
 
-    call = call_str("roofline_step_time", Shown(f"preset({name!r})"), shown(hw), batch, seq_len, dtype, True)
+    call = call_str("roofline_step_time", preset(name), shown(hw), batch, seq_len, dtype, True)
     cached, uncached = t(), t(use_cache=False)
     expect(isinstance(cached, float) and 0 < cached < 1, call, cached,
            "seconds: a positive float under 1 s, since a step that fits reads at most the device's memory once "
@@ -360,7 +360,7 @@ def test_roofline_step_time_of_mistral_7b_reads_its_window_and_no_further():
     cfg = preset("mistral-7b")
     at_window = impl.roofline_step_time(cfg, H100_SXM, 8, 4095, torch.bfloat16, True)
     flops, bytes_ = measured_step(cfg, 8, 4095, torch.bfloat16, True)
-    call = call_str("roofline_step_time", Shown("preset('mistral-7b')"), Shown("H100-SXM"), 8, 4095, torch.bfloat16, True)
+    call = call_str("roofline_step_time", preset("mistral-7b"), H100_SXM, 8, 4095, torch.bfloat16, True)
     expect_real(call, at_window, roofline(flops, bytes_, H100_SXM, torch.bfloat16),
                 why="the measured step whose token attends to exactly 4,096 positions")
     for seq_len in (4096, 10_000, 32_767):
@@ -371,7 +371,7 @@ def test_roofline_step_time_of_mistral_7b_reads_its_window_and_no_further():
     # Without a cache, the step computes the whole [T, T] rectangle of scores (kvref masks afterwards):
     # doubling T more than doubles its compute-bound time, window or not.
     short, long = (impl.roofline_step_time(cfg, H100_SXM, 1, n, torch.bfloat16, False) for n in (8191, 16383))
-    expect(long > 2.2 * short, call_str("roofline_step_time", Shown("preset('mistral-7b')"), Shown("H100-SXM"), 1, 16383,
+    expect(long > 2.2 * short, call_str("roofline_step_time", preset("mistral-7b"), H100_SXM, 1, 16383,
                                         torch.bfloat16, False), long,
            f"more than 2.2 x the {short:.4g} s at 8,191: each of the 16,384 fed tokens scores all 16,384 positions "
            "(the uncached forward computes the whole rectangle and masks it; the window caps only the cached step)")
@@ -392,11 +392,11 @@ def test_where_recompute_beats_the_cache_it_does_only_at_short_lengths():
     cfg = preset("llama-2-70b")
     real = {uc: impl.roofline_step_time(cfg, H200, 1, 8, torch.bfloat16, uc) for uc in (True, False)}
     weights = weight_bytes_read(meta_model(cfg, torch.bfloat16))
-    expect_real("roofline_step_time(preset('llama-2-70b'), H200, 1, 8, torch.bfloat16, False)", real[False],
+    expect_real(call_str("roofline_step_time", cfg, H200, 1, 8, torch.bfloat16, False), real[False],
                 weights / H200.mem_bandwidth, why=f"the time to read the weight matrices' {weights:,} B (.nbytes); "
                 "9 tokens' FLOPs fit under it")
-    expect(real[False] < real[True] < real[False] * 1.0001, "roofline_step_time(preset('llama-2-70b'), H200, 1, 8, "
-           "torch.bfloat16, True)", real[True],
+    expect(real[False] < real[True] < real[False] * 1.0001, call_str("roofline_step_time", cfg, H200, 1, 8,
+           torch.bfloat16, True), real[True],
            f"a hair above the uncached {real[False]:.6g} s: 9 tokens of K/V on top of the same weights")
 
 
@@ -471,11 +471,11 @@ def test_no_real_preset_would_rather_recompute_on_any_gpu():
                     continue
                 got = impl.recompute_to_read_ratio(PRESETS[name], hw, 4096, dtype)
                 expect(isinstance(got, float) and got > 1,
-                       call_str("recompute_to_read_ratio", Shown(f"preset({name!r})"), shown(hw), 4096, dtype), got,
+                       call_str("recompute_to_read_ratio", preset(name), shown(hw), 4096, dtype), got,
                        "a ratio above 1: billions of weights per token against kilobytes of K/V")
     # Worked number: 2 x 67.61e9 FLOPs / 989 TFLOP/s = 136.7 µs against 327,680 B / 3.35 TB/s = 97.8 ns.
     got = impl.recompute_to_read_ratio(preset("llama-2-70b"), H100_SXM, 4096, torch.bfloat16)
-    expect_real(call_str("recompute_to_read_ratio", Shown("preset('llama-2-70b')"), Shown("H100-SXM"), 4096,
+    expect_real(call_str("recompute_to_read_ratio", preset("llama-2-70b"), H100_SXM, 4096,
                          torch.bfloat16), got, 1397.83, rel=1e-4,
                 why="about 1,397.8: 79 whole layers and the last one's k and v projections, 67.61e9 weights per "
                     "token (2 x 68.71e9 with lm_head and the whole last layer would give 1,420.6)")

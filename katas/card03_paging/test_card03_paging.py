@@ -353,7 +353,7 @@ def test_paged_waste_bytes_are_the_empty_slots_of_kvrefs_blocks_in_every_layer(n
     got = impl.paged_waste_bytes(cfg, lengths, block_size, dtype)
     per_block = block_nbytes_measured(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, block_size, dtype)
     measured = measured_waste_bytes(lengths, block_size, per_block)
-    expect_equal(call_str("paged_waste_bytes", Shown(f"preset({name!r})"), lengths, block_size, dtype), got, measured,
+    expect_equal(call_str("paged_waste_bytes", preset(name), lengths, block_size, dtype), got, measured,
                  f"the empty slots of the blocks kvref's allocator holds, times {per_block // block_size:,} bytes a slot: "
                  f".nbytes of one block's K and V pools over {plural(cfg.n_layers, 'layer')}, "
                  f"{plural(cfg.n_kv_heads, 'KV head')} of {cfg.head_dim}, on the meta device, over {block_size} slots")

@@ -16,7 +16,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import kvkata
-from kvkata.check import call_str, expect, expect_close, expect_equal, expect_real, expect_tensor, plural
+from kvkata.check import call_str, describe, expect, expect_close, expect_equal, expect_real, expect_tensor, plural
 from kvref.config import PRESETS, ModelConfig, preset
 from kvref.kv_quant import (QuantScheme, dequantize, fake_quantize, outlier_channel_keys, outlier_token_keys,
                             pack_bits, quantize, quantized_cache_nbytes, score_rms_error, unpack_bits)
@@ -47,7 +47,7 @@ class Shown:
 
 
 def shown(cfg: ModelConfig) -> Shown:
-    return Shown(repr(cfg))
+    return Shown(describe(cfg))
 
 
 def measured_bytes(cfg, batch, seq_len, bits, group_size, asymmetric, scale_dtype):
@@ -128,7 +128,7 @@ def test_quantized_kv_bytes_of_llama_2_7b_at_int4_are_3_2x_below_fp16_not_4x():
     for bits, group, asym, why in cases:
         got = impl.quantized_kv_bytes(cfg, 1, 4096, bits, group, asym, torch.float16)
         want = measured_bytes(cfg, 1, 4096, bits, group, asym, torch.float16)
-        expect_equal(call_str("quantized_kv_bytes", Shown("preset('llama-2-7b')"), 1, 4096, bits, group, asym,
+        expect_equal(call_str("quantized_kv_bytes", preset("llama-2-7b"), 1, 4096, bits, group, asym,
                               torch.float16), got, want,
                      f"{want:,} B, {fp16 / want:.2f}x below the fp16 cache's {fp16:,} B: {why}")
 
@@ -141,7 +141,7 @@ def test_quantized_kv_bytes_of_real_presets_match_a_meta_allocated_cache():
         for bits, group, asym in (schemes[i % 4], schemes[(i + 1) % 4]):
             got = impl.quantized_kv_bytes(cfg, 2, 1000, bits, group, asym, torch.float16)
             want = measured_bytes(cfg, 2, 1000, bits, group, asym, torch.float16)
-            expect_equal(call_str("quantized_kv_bytes", Shown(f"preset({name!r})"), 2, 1000, bits, group, asym,
+            expect_equal(call_str("quantized_kv_bytes", preset(name), 2, 1000, bits, group, asym,
                                   torch.float16), got, want, ".nbytes of the quantized cache of the real shapes")
 
 

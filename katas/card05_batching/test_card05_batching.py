@@ -17,9 +17,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import kvkata
-from kvkata.check import call_str, expect, expect_equal, expect_real, plural
+from kvkata.check import PARAMETER_FIELDS, call_str, describe, describe_config, expect, expect_equal, expect_real, plural
 from kvref.config import PRESETS, ModelConfig, preset
-from kvref.hardware import A100_40GB, H100_SXM, H200, HARDWARE, Hardware
+from kvref.hardware import A100_40GB, H100_SXM, H200, HARDWARE
 from kvref.measure import cache_nbytes, kv_cache_bytes_measured
 from kvref.model import build_model
 from kvref.serving import Sequence, batched_forward, steady_decode
@@ -49,7 +49,7 @@ class Shown:
 
 
 def shown(x) -> Shown:
-    return Shown(x.name if isinstance(x, Hardware) else repr(x))
+    return Shown(describe_config(x, *PARAMETER_FIELDS) if isinstance(x, ModelConfig) else describe(x))
 
 
 # --- the maximum batch ------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import kvkata
-from kvkata.check import call_str, describe, expect_close, expect_equal, expect_real, plural
+from kvkata.check import call_str, describe, describe_config, expect_close, expect_equal, expect_real, plural
 from kvref.config import PRESETS, ModelConfig, preset
 from kvref.measure import kv_cache_bytes_measured
 from kvref.parallel import (check_reshard_plan, heads_in_cache, launch, pp_hidden_nbytes_meta, pp_stage_cache_nbytes_meta,
@@ -66,7 +66,7 @@ def pp_run() -> list:
 
 
 def name_of(cfg: ModelConfig) -> str:
-    return {GQA: "GQA", MQA: "MQA", MHA: "MHA", PIPELINE: "PIPELINE"}.get(cfg, repr(cfg))
+    return describe_config(cfg, "d_model")  # the pipeline sends d_model-wide hidden states
 
 
 class Shown:
@@ -185,7 +185,7 @@ def test_kv_bytes_per_rank_of_real_presets_match_a_meta_allocated_shard(name, tp
         tp = 1  # a layout vLLM would refuse; the single-rank case stands in
     got = impl.kv_bytes_per_rank(cfg, tp, batch, seq_len, dtype)
     measured = tp_cache_nbytes_meta(cfg, tp, tp - 1, batch, seq_len, dtype)
-    expect_equal(call_str("kv_bytes_per_rank", Shown(f"preset({name!r})"), tp, batch, seq_len, dtype), got, measured,
+    expect_equal(call_str("kv_bytes_per_rank", preset(name), tp, batch, seq_len, dtype), got, measured,
                  f".nbytes of the caches of the last of {tp} ranks, allocated on the meta device for the "
                  f"{plural(len(tp_kv_heads(cfg, tp, tp - 1)), 'KV head')} it holds of {cfg.n_kv_heads}")
 
@@ -214,7 +214,7 @@ def test_pipeline_kv_bytes_per_stage_of_real_presets_add_up_to_one_copy_of_the_c
     got = impl.pipeline_kv_bytes_per_stage(cfg, stages, batch, seq_len, dtype)
     measured = pp_stage_cache_nbytes_meta(cfg, stages, 0, batch, seq_len, dtype)
     whole = kv_cache_bytes_measured(cfg, batch, seq_len, dtype)
-    expect_equal(call_str("pipeline_kv_bytes_per_stage", Shown(f"preset({name!r})"), stages, batch, seq_len, dtype),
+    expect_equal(call_str("pipeline_kv_bytes_per_stage", preset(name), stages, batch, seq_len, dtype),
                  got, measured, f".nbytes of a stage's caches on the meta device, {cfg.n_layers // stages} of "
                  f"{cfg.n_layers} layers; the whole model's cache is {whole:,} bytes, stored once across the stages")
 
@@ -237,7 +237,7 @@ def test_pipeline_bytes_sent_per_step_are_what_stage_0_sent_each_step_of_a_gloo_
 def test_pipeline_bytes_sent_per_step_of_real_presets_are_one_hidden_state_per_sequence(name, batch, dtype):
     cfg = preset(name)
     got = impl.pipeline_bytes_sent_per_step(cfg, batch, dtype)
-    expect_equal(call_str("pipeline_bytes_sent_per_step", Shown(f"preset({name!r})"), batch, dtype), got,
+    expect_equal(call_str("pipeline_bytes_sent_per_step", preset(name), batch, dtype), got,
                  pp_hidden_nbytes_meta(cfg, batch, 1, dtype),
                  f".nbytes of the hidden state [B, 1, d_model] of one new token per sequence, on the meta device; "
                  "it does not depend on how many positions are cached")
@@ -361,7 +361,7 @@ def test_reshard_seconds_of_real_presets_price_the_busiest_link(job, batch, seq_
     plan = kvref_plan(cfg, a, b)
     moves = [max(sum(s == g for _, s, _ in plan), sum(d == g for _, _, d in plan)) for g in range(max(a, b))]
     want = max(moves) * 2 * cfg.n_layers * (alpha + message / beta)
-    expect_real(call_str("reshard_seconds", Shown(f"preset({name!r})"), a, b, batch, seq_len, dtype, alpha, beta), got,
+    expect_real(call_str("reshard_seconds", preset(name), a, b, batch, seq_len, dtype, alpha, beta), got,
                 want, rel=1e-9, why=f"kvref's plan moves {plural(len(plan), 'head')}; moves sent or received per GPU "
                 f"(the busier direction): {moves}; each move is 2 x {cfg.n_layers} messages of {message:,} bytes "
                 "([B, T, D] on the meta device)")

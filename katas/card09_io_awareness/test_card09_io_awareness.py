@@ -47,10 +47,6 @@ def measured_intensity(cfg: ModelConfig, dtype: torch.dtype, S: int = 1, T: int 
     return flops.attention / nbytes, flops.attention, nbytes
 
 
-def shown(cfg: ModelConfig) -> str:
-    return f"ModelConfig(n_heads={cfg.n_heads}, n_kv_heads={cfg.n_kv_heads}, head_dim={cfg.head_dim}, ...)"
-
-
 # --- decode_attention_intensity ----------------------------------------------------------------
 
 @MEASURED
@@ -61,7 +57,7 @@ def shown(cfg: ModelConfig) -> str:
 def test_decode_attention_intensity_equals_counted_flops_over_the_bytes_of_k_and_v(cfg, dtype, T, B):
     got = impl.decode_attention_intensity(cfg, dtype)
     want, flops, nbytes = measured_intensity(cfg, dtype, 1, T, B)
-    expect_real(call_str("decode_attention_intensity", shown(cfg), dtype), got, want, rel=1e-12,
+    expect_real(call_str("decode_attention_intensity", cfg, dtype), got, want, rel=1e-12,
                 why=f"FlopCounterMode counted {flops:,} FLOPs of q·kᵀ and p·v for {B} x {cfg.n_heads} query heads over "
                     f"{T} keys; K and V in {dtype}, [{B}, {cfg.n_kv_heads}, {T}, {cfg.head_dim}] each, have an "
                     f".nbytes of {nbytes:,} together")
@@ -122,7 +118,7 @@ SLOW_COMPUTE = Hardware("slow-compute", {torch.bfloat16: 2e12}, 1e12, 10**10, "f
 def test_queries_to_reach_ridge_is_the_first_count_whose_measured_intensity_reaches_it(cfg, hw, dtype):
     if not hw.computes_in(dtype):
         return  # fp8 has no peak on an A100
-    call = call_str("queries_to_reach_ridge", shown(cfg), hw.name, dtype)
+    call = call_str("queries_to_reach_ridge", cfg, hw, dtype)
     got = impl.queries_to_reach_ridge(cfg, hw, dtype)
     expect(isinstance(got, int) and not isinstance(got, bool) and got >= 1, call, got, "a number of tokens, an int >= 1")
     ridge = hw.ridge_point(dtype)
@@ -152,7 +148,7 @@ def test_queries_to_reach_ridge_of_llama_on_an_h100_and_an_a100():
         got = impl.queries_to_reach_ridge(cfg, hw, dtype)
         want = next(s for s in range(1, 10_000) if measured_intensity(cfg.with_(head_dim=8), dtype, s, 1, 1)[0]
                     >= hw.ridge_point(dtype))
-        expect_real(call_str("queries_to_reach_ridge", name, hw.name, dtype), got, want, rel=0, why=why)
+        expect_real(call_str("queries_to_reach_ridge", cfg, hw, dtype), got, want, rel=0, why=why)
 
 
 @pytest.mark.kata("queries_to_reach_ridge")

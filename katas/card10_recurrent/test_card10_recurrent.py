@@ -204,7 +204,7 @@ def test_selective_scan_runs_a_number_of_torch_operations_that_grows_like_log_t(
 def test_linear_state_bytes_match_nbytes_of_the_states_kvref_builds(cfg, batch, seq_len, dtype):
     got = impl.linear_state_bytes(cfg, batch, dtype)
     want = states_nbytes(model_states(cfg, batch, seq_len, dtype))
-    expect_equal(call_str("linear_state_bytes", Shown(repr(cfg)), batch, dtype), got, want,
+    expect_equal(call_str("linear_state_bytes", cfg, batch, dtype), got, want,
                  f".nbytes of S [B, Hkv, D, D] and z [B, Hkv, D] in each of the {plural(cfg.n_layers, 'layer')} after "
                  f"{plural(seq_len, 'token')} of kvref's recurrence, {cfg.n_kv_heads} KV heads")
 
@@ -215,7 +215,7 @@ def test_linear_state_bytes_of_llama_3_8b_against_its_cache_at_4096_tokens():
     got = impl.linear_state_bytes(cfg, 1, torch.bfloat16)
     state = states_nbytes(model_states(cfg, 1, 1, torch.bfloat16))
     cache = kv_cache_bytes_measured(cfg, 1, 4096, torch.bfloat16)
-    expect_equal(call_str("linear_state_bytes", Shown("preset('llama-3-8b')"), 1, torch.bfloat16), got, state,
+    expect_equal(call_str("linear_state_bytes", preset("llama-3-8b"), 1, torch.bfloat16), got, state,
                  f".nbytes of the states of 32 layers x 8 KV heads, {state:,} B, whatever the length; the bf16 KV "
                  f"cache of 4,096 tokens holds {cache:,} B ({cache / state:.1f} x more)")
 
@@ -226,7 +226,7 @@ def test_linear_state_bytes_of_llama_3_8b_against_its_cache_at_4096_tokens():
 @settings(max_examples=min(settings().max_examples, 30))
 def test_cache_outgrows_state_at_the_first_length_whose_measured_cache_is_bigger(cfg, dtype, batch):
     got = impl.cache_outgrows_state_at(cfg)
-    call = call_str("cache_outgrows_state_at", Shown(repr(cfg)))
+    call = call_str("cache_outgrows_state_at", cfg)
     expect(isinstance(got, int) and not isinstance(got, bool) and got >= 1, call, got, "a length, an int >= 1")
     state = states_nbytes(model_states(cfg, batch, 1, dtype))
     at = kv_cache_bytes_measured(cfg, batch, got, dtype)
@@ -242,7 +242,7 @@ def test_cache_outgrows_state_at_65_tokens_for_every_real_preset_with_128_dim_he
         cfg = PRESETS[name]
         got = impl.cache_outgrows_state_at(cfg)
         state = cfg.n_layers * cfg.n_kv_heads * (cfg.head_dim ** 2 + cfg.head_dim) * 2
-        expect_equal(call_str("cache_outgrows_state_at", Shown(f"preset({name!r})")), got, 65,
+        expect_equal(call_str("cache_outgrows_state_at", preset(name)), got, 65,
                      f"65: the bf16 state is {state:,} B and one token's K/V {2 * cfg.n_layers * cfg.n_kv_heads * 256:,} B; "
                      "64 tokens are 2·64·128 = 16,384 elements per KV head against 128·128 + 128 = 16,512")
 

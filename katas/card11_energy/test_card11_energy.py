@@ -20,7 +20,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import kvkata
-from kvkata.check import call_str, expect, expect_equal, expect_real
+from kvkata.check import PARAMETER_FIELDS, call_str, describe, describe_config, expect, expect_equal, expect_real
 from kvref.config import PRESETS, ModelConfig, preset
 from kvref.hardware import H100_SXM, H200, PUBLISHED_ENERGY, SOURCE_CARD_ENERGY, EnergyCosts, Hardware
 from kvref.measure import kv_cache_bytes_measured, meta_model, step_flops_measured, weight_bytes_read
@@ -62,9 +62,7 @@ def shown(x) -> Shown:
         return Shown(x.name)
     if isinstance(x, EnergyCosts):
         return Shown(f"EnergyCosts({x.name!r}: {x.pj_per_bit:g} pJ/bit, {x.pj_per_fma:g} pJ/FMA)")
-    if isinstance(x, ModelConfig) and x.name:
-        return Shown(f"preset({x.name!r})")
-    return Shown(repr(x))
+    return Shown(describe_config(x, *PARAMETER_FIELDS) if isinstance(x, ModelConfig) else describe(x))
 
 
 @st.composite
@@ -322,7 +320,7 @@ def test_energy_crossover_batch_of_real_presets_with_both_constant_sets():
     ]
     for name, seq_len, costs, want, why in cases:
         got = impl.energy_crossover_batch(PRESETS[name], seq_len, torch.bfloat16, costs)
-        expect_equal(call_str("energy_crossover_batch", Shown(f"preset({name!r})"), seq_len, torch.bfloat16, shown(costs)),
+        expect_equal(call_str("energy_crossover_batch", preset(name), seq_len, torch.bfloat16, shown(costs)),
                      got, want, why)
 
 

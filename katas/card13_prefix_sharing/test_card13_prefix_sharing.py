@@ -105,7 +105,7 @@ def test_prefix_sharing_saved_bytes_are_the_blocks_kvrefs_prefix_cache_holds_onc
     without = blocks_held(n_requests, prompt_len, block_size, False)
     with_cache = blocks_held(n_requests, prompt_len, block_size, True)
     per_block = block_nbytes_measured(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, block_size, dtype)
-    expect_equal(call_str("prefix_sharing_saved_bytes", Shown(f"preset({name!r})"), n_requests, prompt_len, block_size,
+    expect_equal(call_str("prefix_sharing_saved_bytes", preset(name), n_requests, prompt_len, block_size,
                           dtype), got, (without - with_cache) * per_block,
                  f"kvref's allocator held {without:,} blocks without prefix caching and {with_cache:,} with it, for "
                  f"{plural(n_requests, 'request')} = the prompt + a token of their own; one block is {per_block:,} bytes "
@@ -172,7 +172,7 @@ def test_layer_transfer_seconds_move_the_nbytes_of_one_layers_cache(name, batch,
     cfg = preset(name)
     got = impl.layer_transfer_seconds(cfg, batch, seq_len, dtype, link)
     nbytes = kv_cache_bytes_measured(cfg.with_(n_layers=1), batch, seq_len, dtype)
-    expect_real(call_str("layer_transfer_seconds", Shown(f"preset({name!r})"), batch, seq_len, dtype, link), got,
+    expect_real(call_str("layer_transfer_seconds", preset(name), batch, seq_len, dtype, link), got,
                 nbytes / link, rel=1e-9, why=f"{nbytes:,} bytes, .nbytes of one layer's K and V cache on the meta "
                 f"device, over {link:.3g} B/s; the whole model holds {cfg.n_layers} such layers")
 

@@ -21,7 +21,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import kvkata
-from kvkata.check import call_str, expect, expect_close, expect_equal, expect_real, plural
+from kvkata.check import PARAMETER_FIELDS, call_str, describe_config, expect, expect_close, expect_equal, expect_real, plural
 from kvref.attention import causal_mask
 from kvref.compress import (build_mla_model, low_rank_error, mla_cache_bytes_measured, mla_output_naive,
                             mla_scores_absorbed, mla_scores_naive, selective_recompute_flops_measured, synthetic_keys)
@@ -52,7 +52,7 @@ class Shown:
 
 
 def shown(cfg: ModelConfig) -> Shown:
-    return Shown(repr(cfg))
+    return Shown(describe_config(cfg, *PARAMETER_FIELDS))
 
 
 @st.composite
@@ -104,7 +104,7 @@ def test_mla_bytes_per_token_of_every_real_preset_match_an_allocated_cache():
                 measured, what = mla_cache_bytes_measured(cfg, 1, 1, dtype), "latent + RoPE key per layer (MLA)"
             else:
                 measured, what = kv_bytes_per_token_measured(cfg, dtype), "K and V of the KV heads per layer (GQA/MHA)"
-            expect_equal(call_str("mla_bytes_per_token", Shown(f"preset({name!r})"), dtype), got, measured,
+            expect_equal(call_str("mla_bytes_per_token", preset(name), dtype), got, measured,
                          f".nbytes of a one-token cache of the real shapes on the meta device: {what}")
 
 
@@ -116,7 +116,7 @@ def test_deepseek_v2_and_v3_cache_69_120_and_70_272_bytes_a_token_in_bf16():
         measured = mla_cache_bytes_measured(cfg, 1, 1, torch.bfloat16)
         mistake = {128 * measured: ": yours is 128 times that, one per head; MLA caches one per layer",
                    layers * 512 * 2: ": yours leaves out the RoPE key, which is cached beside the latent"}.get(got, "")
-        expect_equal(call_str("mla_bytes_per_token", Shown(f"preset({name!r})"), torch.bfloat16), got, measured,
+        expect_equal(call_str("mla_bytes_per_token", preset(name), torch.bfloat16), got, measured,
                      f".nbytes of a one-token MLA cache of {name}'s {layers} layers, built on the meta device" + mistake)
     v3, llama = impl.mla_bytes_per_token(preset("deepseek-v3"), torch.bfloat16), \
         impl.mla_bytes_per_token(preset("llama-3-70b"), torch.bfloat16)
@@ -341,5 +341,5 @@ def test_selective_cache_recompute_flops_of_llama_caching_the_top_or_the_bottom_
                          (set(range(0, 32, 2)), "{0, 2, .., 30}")):
         measured = selective_recompute_flops_measured(cfg, cached, 16)  # 16 past tokens
         got = impl.selective_cache_recompute_flops(cfg, cached, 16)
-        expect_equal(call_str("selective_cache_recompute_flops", Shown("preset('llama-2-7b')"), Shown(text), 16), got,
+        expect_equal(call_str("selective_cache_recompute_flops", preset("llama-2-7b"), Shown(text), 16), got,
                      measured, _bill_why(cfg, cached, 16, measured))
