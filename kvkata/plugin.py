@@ -34,6 +34,7 @@ _katas_key = pytest.StashKey[dict]()      # nodeid -> Kata, the selected tests
 _totals_key = pytest.StashKey[dict]()     # (card, kata) -> tests collected, before -k / --kata
 _broken_key = pytest.StashKey[dict]()     # card -> why its module does not import
 _hung_key = pytest.StashKey[dict]()       # (card, kata) -> the test that hung
+_messages_key = pytest.StashKey[dict]()   # nodeid -> the learner message of a failed test
 _config: pytest.Config | None = None
 
 
@@ -64,7 +65,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if unknown:
         raise pytest.UsageError(f"--kata: no kata named {', '.join(unknown)}; `kvkata list` shows them all")
     config.addinivalue_line("markers", "kata(name): the stub this test checks (a name in kvkata/cards.toml)")
-    for key in (_results_key, _katas_key, _totals_key, _broken_key, _hung_key):
+    for key in (_results_key, _katas_key, _totals_key, _broken_key, _hung_key, _messages_key):
         config.stash[key] = {}
 
 
@@ -306,6 +307,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if previous is None or previous == "passed" or outcome in ("failed", "todo", "broken"):
         if not (report.when == "teardown" and outcome == "passed"):
             results[report.nodeid] = outcome
+    if report.failed:  # the learner message (called/got/expected), for `kvkata interview --live`
+        _config.stash[_messages_key].setdefault(report.nodeid, str(report.longrepr))
 
 
 def _state(config: pytest.Config) -> board.RunState:
@@ -316,7 +319,8 @@ def _state(config: pytest.Config) -> board.RunState:
 def pytest_sessionfinish(session: pytest.Session) -> None:
     path = session.config.getoption("kvkata_json")
     if path:
-        Path(path).write_text(json.dumps({"mode": kvkata.mode(), **_state(session.config).to_json()}, indent=1))
+        data = {"mode": kvkata.mode(), **_state(session.config).to_json(), "messages": session.config.stash[_messages_key]}
+        Path(path).write_text(json.dumps(data, indent=1))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
