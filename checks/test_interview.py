@@ -29,7 +29,7 @@ def flat(text: str) -> str:
     return " ".join(text.split())
 
 
-def test_functions(card: manifest.Card) -> set[str]:
+def probed_tests(card: manifest.Card) -> set[str]:
     return set(card.notes()["probes"])
 
 
@@ -62,7 +62,7 @@ def test_every_red_flag_names_the_katas_or_tests_whose_failure_points_to_it(card
     mapping = notes.get("red_flag_katas")
     assert mapping is not None and len(mapping) == len(notes["red_flags"]), (
         f"{card.id}: red_flag_katas must hold one list per red flag ({len(notes['red_flags'])})")
-    valid = {k.name for k in card.katas} | test_functions(card)
+    valid = {k.name for k in card.katas} | probed_tests(card)
     for flag, names in zip(notes["red_flags"], mapping):
         assert set(names) <= valid, f"{card.id}: {sorted(set(names) - valid)} is neither a kata nor a test ({flag[:50]!r})"
     assert sum(bool(names) for names in mapping) > len(mapping) // 2, f"{card.id}: most red flags show in a failing test"
@@ -172,7 +172,7 @@ def test_a_failure_raised_in_another_katas_code_is_blamed_on_that_kata(tmp_path)
 def test_after_only_reshard_seconds_fails_the_next_questions_are_the_resharding_ones():
     card = manifest.card("card07")
     others = {k.name for k in card.katas} - {"reshard_seconds"}
-    failing = {t: "reshard_seconds" for t in test_functions(card) if t.startswith("test_reshard_seconds")}
+    failing = {t: "reshard_seconds" for t in probed_tests(card) if t.startswith("test_reshard_seconds")}
     failures, _, _ = interview.blame(card, _report(card, failing, others))
     assert {f.blame for f in failures} == {"reshard_seconds"}
     asked = interview.next_questions(card, ["reshard_seconds"])

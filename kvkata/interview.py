@@ -105,7 +105,8 @@ def agenda_lines(card: manifest.Card) -> list[str]:
 # --- the candidate's sheet and the interviewer's rubric -------------------------------------------
 
 def _wrap(text: str, first: str, rest: str) -> list[str]:
-    return textwrap.wrap(" ".join(text.split()), width=100, initial_indent=first, subsequent_indent=rest) or [first]
+    return textwrap.wrap(" ".join(text.split()), width=100, initial_indent=first, subsequent_indent=rest,
+                         break_on_hyphens=False, break_long_words=False) or [first]
 
 
 def sheet(card: manifest.Card) -> list[str]:
