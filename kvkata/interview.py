@@ -256,7 +256,7 @@ def next_questions(card: manifest.Card, katas: list[str], n: int = 3) -> list[Qu
 
 def _message_lines(message: str, limit: int = 8) -> list[str]:
     """The learner message without its last line (which names the test and kata, said above)."""
-    lines = [ln for ln in message.strip().splitlines() if ln.strip()]
+    lines = [ln for ln in message.strip().splitlines() if ln.strip() and not ln.startswith("(note: ")]  # hypothesis's aside
     if lines and lines[-1].startswith("in "):
         lines = lines[:-1]
     shown = [_clip(ln, 300) for ln in lines[:limit]]
