@@ -1,21 +1,24 @@
 """The kata tests judge behaviour, not one design: correct alternatives pass, plausible wrong answers fail.
 
-Each check runs a card's tests in solutions mode in a scratch copy of the project, with the
-solution module replaced: by a correct alternative from checks/alternatives/ (every test of
-the card must pass), or by the solution with one plausible wrong answer edited in (the tests
-written to catch that answer must fail).
+Each check runs a card's tests in solutions mode, in this process (pytest.main, with kvkata's plugin
+and the learners' hypothesis profile), with the solution module swapped in sys.modules: by a
+correct alternative from checks/alternatives/ (every test of the card must pass), or by the
+solution with one plausible wrong answer edited in (the tests written to catch that answer must
+fail). Nothing is copied and no process is started: the real tree is never touched.
 """
 
 from __future__ import annotations
 
 import ast
-import shutil
+import importlib.util
+import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_suite
+from conftest import ROOT, Run, inprocess_pytest
 
 ALTERNATIVES = Path(__file__).resolve().parent / "alternatives"
 CARD00_SOLUTION = Path("solutions/card00_cache_contract/cache.py")
@@ -27,11 +30,26 @@ def card_test_names(path: Path) -> set[str]:
             if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")}
 
 
-def run_card00(project: Path, *args: str):
-    """card00's tests in solutions mode; the other cards' folders are left out of collection."""
-    others = [f"--ignore={d}" for d in sorted((project / "katas").iterdir())
-              if d.is_dir() and d.name != CARD00_SOLUTION.parent.name]
-    return run_suite(*others, *args, cwd=project, mode="solutions")
+SOLUTION_MODULE = "solutions.card00_cache_contract.cache"
+TESTS_MODULE = "katas.card00_cache_contract.test_card00_cache_contract"
+
+
+def run_card00(monkeypatch, tmp_path: Path, source: str, *args: str) -> Run:
+    """card00's tests in solutions mode, in this process, against `source` as the solution's cache.py."""
+    path = tmp_path / "cache.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(SOLUTION_MODULE, path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, SOLUTION_MODULE, module)
+    spec.loader.exec_module(module)
+    # The test module afresh, so that its hypothesis tests take the learners' profile as they import.
+    monkeypatch.delitem(sys.modules, TESTS_MODULE, raising=False)
+    report = tmp_path / "run.json"
+    code, output = inprocess_pytest(str(CARD00_TESTS.parent), "--solutions", f"--kvkata-json={report}", *args,
+                                    env={"HYPOTHESIS_PROFILE": "kata"})
+    assert getattr(sys.modules.get(SOLUTION_MODULE), "__file__", None) == str(path), "the swap did not hold"
+    tests = json.loads(report.read_text())["tests"] if report.exists() else {}
+    return Run(code, output, tests)
 
 
 def outcomes(run) -> dict[str, str]:
@@ -41,9 +59,8 @@ def outcomes(run) -> dict[str, str]:
 
 # --- correct alternatives pass ---------------------------------------------------------------
 
-def test_a_list_backed_growing_cache_and_an_index_copy_static_cache_pass_every_card00_test(project_copy):
-    shutil.copy(ALTERNATIVES / "card00_cache.py", project_copy / CARD00_SOLUTION)
-    run = run_card00(project_copy, "-k", "card00")
+def test_a_list_backed_growing_cache_and_an_index_copy_static_cache_pass_every_card00_test(monkeypatch, tmp_path):
+    run = run_card00(monkeypatch, tmp_path, (ALTERNATIVES / "card00_cache.py").read_text(), "-k", "card00")
     got = outcomes(run)
     assert set(got) == card_test_names(CARD00_TESTS), run.output[-3000:]
     not_passed = {name: outcome for name, outcome in got.items() if outcome != "passed"}
@@ -142,13 +159,12 @@ CARD00_WRONG = [
 
 
 @pytest.mark.parametrize("wrong", CARD00_WRONG, ids=[w.id for w in CARD00_WRONG])
-def test_a_plausible_wrong_card00_answer_fails_the_tests_written_to_catch_it(project_copy, wrong):
-    path = project_copy / CARD00_SOLUTION
-    text = path.read_text()
+def test_a_plausible_wrong_card00_answer_fails_the_tests_written_to_catch_it(monkeypatch, tmp_path, wrong):
+    text = (ROOT / CARD00_SOLUTION).read_text()
     assert text.count(wrong.old) == 1, f"the solution no longer contains {wrong.old!r}: update this check"
-    path.write_text(text.replace(wrong.old, wrong.new))
     assert set(wrong.caught_by) <= card_test_names(CARD00_TESTS), "a test named here no longer exists"
-    run = run_card00(project_copy, "-k", f"card00 and ({' or '.join(wrong.caught_by)})")
+    run = run_card00(monkeypatch, tmp_path, text.replace(wrong.old, wrong.new),
+                     "-k", f"card00 and ({' or '.join(wrong.caught_by)})")
     got = outcomes(run)
     survived = {name: got.get(name, "not run") for name in wrong.caught_by if got.get(name) != "failed"}
     assert not survived, f"{wrong.id} was not caught: {survived}\n{run.output[-3000:]}"

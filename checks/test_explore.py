@@ -32,7 +32,7 @@ if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium); the explorer's browser test needs it",
                 allow_module_level=True)
 
-pytestmark = pytest.mark.timeout(120)  # one browser start for the whole module
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]  # one browser start for the whole module
 
 
 @pytest.fixture(scope="module")

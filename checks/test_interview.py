@@ -109,6 +109,7 @@ def test_the_sheet_holds_every_question_and_nothing_for_the_interviewer(card):
     assert not re.search(r"strong:|adequate:|weak:|expect:|red flag|derivation", text, re.I)
 
 
+@pytest.mark.slow
 def test_kvkata_interview_card07_sheet_prints_the_questions_and_no_answer():
     proc = kvkata(ROOT, "interview", "card07", "--sheet", timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -270,6 +271,7 @@ def test_the_anki_deck_has_a_note_with_its_own_answer_per_question_and_follow_up
     assert len({g for g, _, _ in notes}) == len(notes)
 
 
+@pytest.mark.slow
 def test_kvkata_cards_anki_writes_the_deck(tmp_path):
     pytest.importorskip("genanki", reason="the Anki deck needs genanki (the dev extra)")
     proc = kvkata(ROOT, "cards", "--anki", str(tmp_path / "deck.apkg"), timeout=120)

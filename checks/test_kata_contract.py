@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from checks.conftest import ROOT, run_suite
+from checks.conftest import ROOT, inprocess_pytest, run_suite, selected_by_k
 from kvkata import manifest
 
 CARDS = manifest.cards()
@@ -20,11 +20,15 @@ FOLLOW_UP_KINDS = {"numerical", "architectural", "distributed"}
 
 
 def card_tests(run, card):
+    """A card's tests: from a run (nodeid -> row), or from the in-process collection (nodeid -> Collected)."""
+    if isinstance(run, dict):
+        return {nodeid: c for nodeid, c in run.items() if c.card == card.id}
     return {nodeid: row for nodeid, row in run.tests.items() if row["card"] == card.id}
 
 
 # --- fails on the stubs, as TODOs; passes on the solutions --------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("card", CARDS, ids=CARD_IDS)
 def test_every_kata_test_fails_on_its_stub_as_a_todo(learner_run, card):
     tests = card_tests(learner_run, card)
@@ -41,6 +45,7 @@ def _gpu_only_skip(nodeid: str, row: dict) -> bool:
     return row["outcome"] == "skipped" and "on_a_cuda_device" in nodeid and not torch.cuda.is_available()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("card", CARDS, ids=CARD_IDS)
 def test_every_kata_test_passes_on_its_solution(interviewer_run, learner_run, card):
     tests = card_tests(interviewer_run, card)
@@ -50,17 +55,29 @@ def test_every_kata_test_passes_on_its_solution(interviewer_run, learner_run, ca
 
 
 @pytest.mark.parametrize("card", CARDS, ids=CARD_IDS)
-def test_every_kata_has_tests_and_every_test_names_its_card(interviewer_run, card):
-    tests = card_tests(interviewer_run, card)
-    tested = {r["kata"] for r in tests.values()}
+def test_every_kata_has_tests_and_every_test_names_its_card(kata_collection, card):
+    tests = card_tests(kata_collection, card)
+    tested = {c.kata for c in tests.values()}
     assert tested == {k.name for k in card.katas}, f"{card.id}: katas without tests: {set(k.name for k in card.katas) - tested}"
     assert all(card.id in nodeid for nodeid in tests), "a kata test's id must contain its card id"
 
 
-def test_every_test_in_the_suite_belongs_to_a_kata(interviewer_run):
-    orphans = [n for n, r in interviewer_run.tests.items() if r["kata"] is None]
+def test_every_test_in_the_suite_belongs_to_a_kata(kata_collection):
+    orphans = [n for n, c in kata_collection.items() if c.kata is None]
     assert not orphans, f"tests without @pytest.mark.kata(...) or outside a card directory: {orphans}"
 
+
+@pytest.mark.slow
+def test_the_runs_attribute_every_test_to_the_card_and_kata_the_collection_does(kata_collection, interviewer_run,
+                                                                               learner_run):
+    """What the fast tier proves from one in-process collection holds for the real runs: the same tests,
+    each in the same card and kata as kvkata's plugin reports it."""
+    want = {n: (c.card, c.kata) for n, c in kata_collection.items()}
+    for run in (interviewer_run, learner_run):
+        assert {n: (r["card"], r["kata"]) for n, r in run.tests.items()} == want
+
+
+# --- -k and --kata select exactly: proved from one collection, spot-checked in real runs -----
 
 def _collected(*args: str, cwd: Path = ROOT) -> list[str]:
     proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:randomly", *args],
@@ -68,34 +85,73 @@ def _collected(*args: str, cwd: Path = ROOT) -> list[str]:
     return [ln for ln in proc.stdout.splitlines() if "::" in ln]
 
 
+def _kata_tests(collection, kata) -> set[str]:
+    return {n for n, c in collection.items() if (c.card, c.kata) == (kata.card, kata.name)}
+
+
+def _selected_by_kata_option(collection, name: str) -> set[str]:
+    """What `--kata NAME` keeps: the tests whose kata is NAME (kvkata's plugin matches the name alone,
+    in any card; the real runs below check the plugin against this)."""
+    return {n for n, c in collection.items() if c.kata == name}
+
+
 @pytest.mark.parametrize("card", CARDS, ids=CARD_IDS)
-def test_dash_k_selects_exactly_the_cards_tests(card, interviewer_run):
-    ids = _collected("-k", card.id)
+def test_dash_k_selects_exactly_the_cards_tests(card, kata_collection):
+    ids = selected_by_k(kata_collection, card.id)
     assert ids and all(f"/{card.dir}/" in i for i in ids), ids
-    assert set(ids) == set(card_tests(interviewer_run, card))
+    assert ids == set(card_tests(kata_collection, card))
 
 
 @pytest.mark.parametrize("kata", manifest.all_katas(), ids=lambda k: f"{k.card}-{k.name}")
-def test_dash_k_with_a_kata_name_selects_all_and_only_that_katas_tests(kata, interviewer_run):
-    want = {n for n, r in interviewer_run.tests.items() if (r["card"], r["kata"]) == (kata.card, kata.name)}
+def test_dash_k_with_a_kata_name_selects_all_and_only_that_katas_tests(kata, kata_collection):
+    want = _kata_tests(kata_collection, kata)
     assert want, f"{kata.card} {kata.name} has no tests"
-    assert set(_collected("-k", kata.name)) == want, f"pytest -k {kata.name} must select exactly its tests"
-    assert set(_collected("--kata", kata.name)) == want
+    assert selected_by_k(kata_collection, kata.name) == want, f"pytest -k {kata.name} must select exactly its tests"
+    assert _selected_by_kata_option(kata_collection, kata.name) == want, f"--kata {kata.name} would select other katas' tests"
 
 
-def test_no_test_name_holds_another_katas_name(interviewer_run):
+def _spot_checks():
+    """A few real selections (two cards, two kata names, --kata twice), for the slow tier."""
+    card07, card12 = manifest.card("card07"), manifest.card("card12")
+    kata_a, kata_b = CARDS[0].katas[-1], card07.katas[0]
+    return [pytest.param(("-k", card07.id), ("card", card07.id), id="-k card07"),
+            pytest.param(("-k", card12.id), ("card", card12.id), id="-k card12"),
+            pytest.param(("-k", kata_a.name), ("kata", kata_a), id=f"-k {kata_a.name}"),
+            pytest.param(("-k", kata_b.name), ("kata", kata_b), id=f"-k {kata_b.name}"),
+            pytest.param(("--kata", kata_a.name), ("kata", kata_a), id=f"--kata {kata_a.name}"),
+            pytest.param(("--kata", kata_b.name), ("kata", kata_b), id=f"--kata {kata_b.name}")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,expect", _spot_checks())
+def test_a_real_pytest_selects_what_the_in_process_proof_says(args, expect, kata_collection):
+    """A fresh pytest (with whatever collection pruning the plugin does) selects exactly what the
+    in-process evaluation over one full collection says, and that is the card's or kata's tests."""
+    real = set(_collected(*args))
+    kind, what = expect
+    if kind == "card":
+        want = set(card_tests(kata_collection, manifest.card(what)))
+    else:
+        want = _kata_tests(kata_collection, what)
+    proof = selected_by_k(kata_collection, args[1]) if args[0] == "-k" else _selected_by_kata_option(kata_collection, args[1])
+    assert want and proof == want
+    assert real == want, f"pytest {' '.join(args)}: extra {sorted(real - want)[:5]}, missing {sorted(want - real)[:5]}"
+
+
+def test_no_test_name_holds_another_katas_name(kata_collection):
     """-k is a substring match: a test whose name holds another kata's name would be selected with it."""
     clashes = []
-    for nodeid, row in interviewer_run.tests.items():
+    for nodeid, c in kata_collection.items():
         name = nodeid.split("::")[-1].split("[")[0].lower()
-        others = [k.name for k in manifest.all_katas() if k.name != row["kata"] and k.name.lower() in name]
+        others = [k.name for k in manifest.all_katas() if k.name != c.kata and k.name.lower() in name]
         if others:
-            clashes.append(f"{nodeid} (kata {row['kata']}) holds {others}")
+            clashes.append(f"{nodeid} (kata {c.kata}) holds {others}")
     assert not clashes, clashes
 
 
 # --- what a learner sees -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_learner_run_ends_on_one_todo_line_per_kata_and_the_board(learner_run):
     assert learner_run.returncode == 1, learner_run.output[-3000:]
     assert "kvkata: learner mode" in learner_run.output
@@ -112,6 +168,7 @@ def test_learner_run_ends_on_one_todo_line_per_kata_and_the_board(learner_run):
     assert "kvkata progress" in tail and "next: fill in" in tail, "the board comes after the TODO lines"
 
 
+@pytest.mark.slow
 def test_interviewer_mode_passes_and_prints_every_cards_notes(interviewer_run):
     assert interviewer_run.returncode == 0, interviewer_run.output[-3000:]
     assert "kvkata: interviewer mode" in interviewer_run.output
@@ -121,10 +178,25 @@ def test_interviewer_mode_passes_and_prints_every_cards_notes(interviewer_run):
 
 
 def test_the_environment_variable_chooses_the_mode_like_the_flag():
+    # In this process: the plugin reads KVKATA_MODE when pytest configures it, as a fresh process would.
     for mode in ("learner", "solutions", "interviewer"):
-        proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only"], cwd=ROOT, capture_output=True,
-                              text=True, env={**__import__("os").environ, "KVKATA_MODE": mode})
-        assert f"kvkata: {mode} mode" in proc.stdout
+        code, output = inprocess_pytest(str(ROOT / "katas" / CARDS[0].dir), "--collect-only", env={"KVKATA_MODE": mode})
+        assert code == 0 and f"kvkata: {mode} mode" in output, output[-2000:]
+
+
+STUB_FIRST_SECONDS = 1.0
+
+
+@pytest.mark.slow
+def test_on_fresh_stubs_no_kata_test_takes_more_than_a_second(learner_run):
+    """The stub is called first: a stub fails before any process launch, model build or FLOP count.
+    Test time is the setup, call and teardown of each test as pytest timed them in the shared learner run
+    (a module fixture's setup counts for the first test that needs it)."""
+    times = {n: r.get("duration") for n, r in learner_run.tests.items()}
+    assert times and None not in times.values(), "the --kvkata-json report must give each test's duration"
+    slow = {n: round(t, 2) for n, t in sorted(times.items(), key=lambda kv: -kv[1]) if t > STUB_FIRST_SECONDS}
+    assert not slow, (f"{len(slow)} kata tests take more than {STUB_FIRST_SECONDS:g} s on the stubs; "
+                      f"call the learner's code before any expensive setup: {slow}")
 
 
 # --- stubs mirror solutions ----------------------------------------------------------------
@@ -185,7 +257,7 @@ def test_every_kata_has_graded_hints(card):
 
 
 @pytest.mark.parametrize("card", CARDS, ids=CARD_IDS)
-def test_every_card_has_interviewer_notes(card, interviewer_run):
+def test_every_card_has_interviewer_notes(card, kata_collection):
     notes = card.notes()
     assert len(notes["questions"]) >= 2
     assert len(notes["derivation"].strip()) > 200
@@ -193,7 +265,7 @@ def test_every_card_has_interviewer_notes(card, interviewer_run):
     assert {f["kind"] for f in notes["follow_ups"]} >= FOLLOW_UP_KINDS
     assert all(f["question"].strip() and f["expect"].strip() for f in notes["follow_ups"])
     assert len(notes["red_flags"]) >= 2
-    test_names = {nodeid.split("::")[-1].split("[")[0] for nodeid in card_tests(interviewer_run, card)}
+    test_names = {nodeid.split("::")[-1].split("[")[0] for nodeid in card_tests(kata_collection, card)}
     assert set(notes["probes"]) == test_names, "the notes must say what each test probes, and only real tests"
 
 
@@ -210,6 +282,7 @@ def _stub(project: Path, card_index: int) -> Path:
     return project / "katas" / card.dir / f"{card.katas[0].module}.py"
 
 
+@pytest.mark.slow
 def test_a_stub_that_does_not_import_fails_only_its_own_card(project_copy):
     broken, other = CARDS[1], CARDS[0]
     _stub(project_copy, 1).write_text(_stub(project_copy, 1).read_text() + "\ndef broken(:\n")
@@ -226,6 +299,7 @@ def test_a_stub_that_does_not_import_fails_only_its_own_card(project_copy):
     assert re.search(rf"{broken.id}\s+{re.escape(broken.title)}\s+does not import", run.output)
 
 
+@pytest.mark.slow
 def test_kvkata_shows_a_card_that_does_not_import_and_exits_nonzero(project_copy):
     broken = CARDS[1]
     _stub(project_copy, 1).write_text(_stub(project_copy, 1).read_text() + "\ndef broken(:\n")
@@ -236,6 +310,7 @@ def test_kvkata_shows_a_card_that_does_not_import_and_exits_nonzero(project_copy
     assert f"{broken.id} does not import: katas/{broken.dir}/" in proc.stdout, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_a_missing_kata_module_fails_its_card_naming_the_file(project_copy):
     card = CARDS[0]
     _stub(project_copy, 0).unlink()
@@ -246,6 +321,7 @@ def test_a_missing_kata_module_fails_its_card_naming_the_file(project_copy):
     assert not any(r["outcome"] == "passed" for r in run.tests.values())
 
 
+@pytest.mark.slow
 def test_a_hanging_kata_costs_one_timeout(project_copy):
     _edit(project_copy / "katas" / "card00_cache_contract" / "cache.py", 'raise NotImplementedError("prefill:',
           'while True:\n        pass\n    raise NotImplementedError("prefill:')
@@ -262,6 +338,7 @@ def test_a_hanging_kata_costs_one_timeout(project_copy):
                    for line in lines) == len(prefill) - 1
 
 
+@pytest.mark.slow
 def test_a_formula_kata_that_measures_instead_of_deriving_is_refused(project_copy):
     formula = next(k for k in manifest.all_katas() if k.formula)
     stub = project_copy / "katas" / formula.dir / f"{formula.module}.py"
@@ -277,6 +354,7 @@ def test_a_formula_kata_that_measures_instead_of_deriving_is_refused(project_cop
     assert {r["outcome"] for r in run.tests.values()} == {"failed"}
 
 
+@pytest.mark.slow
 def test_a_right_value_of_the_wrong_type_gets_a_learners_message(project_copy):
     card01 = manifest.card("card01")
     stub = project_copy / "katas" / card01.dir / "redundancy.py"
@@ -291,6 +369,7 @@ def test_a_right_value_of_the_wrong_type_gets_a_learners_message(project_copy):
         run.output[-2000:]
 
 
+@pytest.mark.slow
 def test_an_exception_in_the_learners_code_is_reported_in_a_few_lines(project_copy):
     # Off by one: the decode token at T + 1. kvref's cache refuses the gap; its message comes first.
     _edit(project_copy / "katas" / "card00_cache_contract" / "cache.py", 'raise NotImplementedError("decode_step:',
@@ -304,6 +383,7 @@ def test_an_exception_in_the_learners_code_is_reported_in_a_few_lines(project_co
     assert not re.search(r"ModelConfig\([^)]*\n", run.output), "a configuration prints on one line"
 
 
+@pytest.mark.slow
 def test_running_pytest_inside_a_cards_folder_runs_that_card_and_prints_the_board(project_copy):
     card = CARDS[0]
     env = {k: v for k, v in __import__("os").environ.items() if k not in ("KVKATA_MODE", "PYTEST_ADDOPTS")}
@@ -314,6 +394,7 @@ def test_running_pytest_inside_a_cards_folder_runs_that_card_and_prints_the_boar
     assert not any(f"TODO {c.id} " in proc.stdout for c in CARDS if c is not card)
 
 
+@pytest.mark.slow
 def test_the_board_counts_a_kata_solved_only_when_all_its_tests_ran(project_copy):
     card = CARDS[0]
     for module in {k.module for k in card.katas}:
@@ -329,6 +410,7 @@ def test_the_board_counts_a_kata_solved_only_when_all_its_tests_ran(project_copy
     assert re.search(rf"{card.id}\s+.*\[#\.+\] 1/{len(card.katas)} katas solved", run.output), run.output[-2000:]
 
 
+@pytest.mark.slow
 def test_a_wrong_answer_says_what_was_called_returned_and_expected_and_where(project_copy):
     # A plausible wrong answer: repeat (a b a b) instead of repeat_interleave (a a b b).
     _edit(project_copy / "katas" / "card00_cache_contract" / "cache.py", 'raise NotImplementedError("repeat_kv:',

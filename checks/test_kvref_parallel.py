@@ -39,6 +39,7 @@ def pp_reports():
     return launch(pp_worker, 2, PIPELINE, 0, IDS, PROMPT, timeout=60)
 
 
+@pytest.mark.slow  # gloo ranks in new processes
 @pytest.mark.parametrize("j", range(len(LAYOUTS)), ids=[f"Hkv{c.n_kv_heads}-tp{tp}" for c, tp in LAYOUTS])
 def test_tensor_parallel_logits_equal_the_single_process_model(j):
     cfg, tp = LAYOUTS[j]
@@ -48,6 +49,7 @@ def test_tensor_parallel_logits_equal_the_single_process_model(j):
         np.testing.assert_allclose(got, want, atol=ATOL, rtol=RTOL, err_msg=f"tp = {tp}, rank {r}")
 
 
+@pytest.mark.slow  # gloo ranks in new processes
 @pytest.mark.parametrize("j", range(len(LAYOUTS)), ids=[f"Hkv{c.n_kv_heads}-tp{tp}" for c, tp in LAYOUTS])
 def test_each_rank_caches_exactly_the_kv_heads_its_query_heads_read(j):
     cfg, tp = LAYOUTS[j]
@@ -64,6 +66,7 @@ def test_each_rank_caches_exactly_the_kv_heads_its_query_heads_read(j):
     assert copies == [max(1, tp // cfg.n_kv_heads)] * cfg.n_kv_heads  # vLLM's replication
 
 
+@pytest.mark.slow  # gloo ranks in new processes
 def test_pipeline_stages_give_the_single_process_logits_and_split_the_cache():
     want, _, full_nbytes = single_process(PIPELINE, 0, IDS, PROMPT)
     first, last = pp_reports()
@@ -92,6 +95,7 @@ def reshard_runs() -> dict:
     return out
 
 
+@pytest.mark.slow  # gloo ranks in new processes
 @pytest.mark.parametrize("lay", RESHARDS, ids=lambda lay: f"hkv{lay[0]}-tp{lay[1]}to{lay[2]}")
 def test_a_cache_resharded_mid_decode_resumes_with_unchanged_logits(lay):
     n_kv, a, b = lay
@@ -140,6 +144,12 @@ def test_a_plan_that_loses_or_duplicates_a_head_is_refused():
         check_reshard_plan(cfg, 2, 4, plan + [(0, 0, 0)])
     with pytest.raises(ValueError, match="does not hold"):
         check_reshard_plan(cfg, 2, 4, [(h, 1 - s, d) for h, s, d in plan])
+
+
+@pytest.mark.slow  # the launcher, with gloo ranks in new processes
+def test_the_launcher_refuses_a_plan_that_loses_a_head():
+    cfg = GQA.with_(n_kv_heads=8)
+    plan = reshard_plan(cfg, 2, 4)
     with pytest.raises(LaunchError, match="nothing sends it"):
         launch(reshard_worker, 4, [(cfg, 0, IDS, PROMPT, 2, 2, 4, plan[1:])], timeout=60)
 
@@ -159,6 +169,7 @@ def _children_of_this_process() -> set[int]:
     return pids
 
 
+@pytest.mark.slow  # gloo ranks in new processes
 @pytest.mark.parametrize("fault,words", [("raise", "rank 1 of 3 failed"),
                                          ("exit", "rank 1 of 3 exited with code 3"),
                                          ("hang", "rank 1 of 3 did not finish within 10 s")])

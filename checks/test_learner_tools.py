@@ -57,6 +57,7 @@ def test_the_pristine_copy_is_the_stubs_in_katas():
     assert not stale, f"{stale} changed since the snapshot: run `kvkata snapshot` and commit kvkata/pristine.zip"
 
 
+@pytest.mark.slow
 def test_reset_of_one_kata_keeps_the_others_and_backs_up_the_file_and_restore_brings_it_back(project_copy):
     stub = project_copy / STUB01
     pristine = stub.read_text()
@@ -83,6 +84,7 @@ def test_reset_of_one_kata_keeps_the_others_and_backs_up_the_file_and_restore_br
     assert listing.count(str(STUB01)) == 3
 
 
+@pytest.mark.slow
 def test_reset_refuses_an_unknown_card_or_kata_and_writes_nothing(project_copy):
     before = learner_files(project_copy)
     assert kvkata(project_copy, "reset", "card99").returncode == 2
@@ -92,6 +94,7 @@ def test_reset_refuses_an_unknown_card_or_kata_and_writes_nothing(project_copy):
     assert learner_files(project_copy) == before
 
 
+@pytest.mark.slow
 def test_no_command_writes_a_learners_file_without_a_backup(project_copy, tmp_path):
     stub = project_copy / STUB01
     stub.write_text(stub.read_text() + "\n# my notes, which no command may lose\n")
@@ -115,6 +118,7 @@ def test_no_command_writes_a_learners_file_without_a_backup(project_copy, tmp_pa
     assert kvkata(project_copy, "cards", "--anki", str(tmp_path / "deck.apkg")).returncode == 2  # never overwrites
 
 
+@pytest.mark.slow
 def test_explore_backs_up_a_page_it_replaces_and_refuses_one_outside_the_folder(project_copy, tmp_path):
     page = project_copy / "kvkata-explore.html"
     page.write_text("my annotated copy")
@@ -132,6 +136,7 @@ def test_explore_backs_up_a_page_it_replaces_and_refuses_one_outside_the_folder(
     assert outside.read_text() == "not kvkata's"
 
 
+@pytest.mark.slow
 def test_watch_reruns_the_card_when_a_stub_is_saved_and_stops_cleanly(project_copy):
     env = {k: v for k, v in os.environ.items() if k not in ("KVKATA_MODE", "PYTEST_ADDOPTS")}
     proc = subprocess.Popen([sys.executable, "-m", "kvkata.cli", "watch", "card01"], cwd=project_copy,
@@ -182,6 +187,7 @@ def test_watch_reruns_the_card_when_a_stub_is_saved_and_stops_cleanly(project_co
     assert "TODO card01 token_passes" in out and "kvkata watch: stopped." in out
 
 
+@pytest.mark.slow
 def test_live_interview_maps_a_known_wrong_answer_to_the_points_its_tests_probe(project_copy):
     card02 = manifest.card("card02")
     stub = project_copy / "katas" / card02.dir / "costs.py"
@@ -202,6 +208,7 @@ def test_live_interview_maps_a_known_wrong_answer_to_the_points_its_tests_probe(
     assert "Red flags to listen for:" in proc.stdout
 
 
+@pytest.mark.slow
 def test_plot_writes_the_figures_from_kvref(tmp_path, project_copy):
     pytest.importorskip("matplotlib", reason="kvkata plot needs matplotlib (the dev extra)")
     proc = kvkata(project_copy, "plot", "--out", str(tmp_path / "figs"))

@@ -51,6 +51,17 @@ TOLERANCE = {  # dtype -> atol = rtol, see the module docstring
     torch.bfloat16: 2e-2,
 }
 
+def examples(at_ci: int) -> int:
+    """The example count that follows the loaded hypothesis profile: `at_ci` under "ci" (the counts these
+    checks were sized for under the interpreter), scaled by the profile's max_examples otherwise
+    ("kata" half of it, "deep" about 17 times)."""
+    try:
+        ci = settings.get_profile("ci").max_examples
+    except Exception:  # noqa: BLE001 - the root conftest registers "ci"; without it, the default profile
+        ci = settings.default.max_examples
+    return max(1, round(at_ci * settings.default.max_examples / ci))
+
+
 BATCH = st.integers(1, 3)
 KV_HEADS = st.integers(1, 3)
 GROUP = st.integers(1, 4)  # query heads per KV head
@@ -120,7 +131,7 @@ def assert_close(actual, expected, dtype, what):
 # The spec itself
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(data=st.data())
 def test_reference_matches_sdpa_with_a_ragged_mask_in_fp32(data, device):
     (q, k_cache, v_cache, seq_lens), _ = draw_inputs(data, device)
@@ -135,7 +146,7 @@ def test_reference_matches_sdpa_with_a_ragged_mask_in_fp32(data, device):
 # The kernel against the spec
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(data=st.data())
 def test_kernel_matches_reference_for_ragged_gqa_batches(data, device):
     (q, k_cache, v_cache, seq_lens), dtype = draw_inputs(data, device)
@@ -147,7 +158,7 @@ def test_kernel_matches_reference_for_ragged_gqa_batches(data, device):
     assert_close(actual, expected, dtype, f"decode_attention(num_splits={num_splits}) vs reference")
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(data=st.data())
 def test_kernel_matches_sdpa_for_ragged_gqa_batches(data, device):
     (q, k_cache, v_cache, seq_lens), dtype = draw_inputs(data, device)
@@ -295,7 +306,7 @@ def test_the_split_count_fills_whole_waves_of_an_h100(B, Hkv, T, expected):
     assert got == expected, f"splits_for_waves({B}, {Hkv}, {T}, sms=132, programs_per_sm=3) returned {got}, expected {expected}"
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(B=st.integers(1, 128), Hkv=st.integers(1, 64), T=st.integers(1, 2**17), pps=st.integers(1, 8))
 def test_the_split_count_leaves_no_split_empty_and_fills_its_waves_when_it_can(B, Hkv, T, pps):
     splits = splits_for_waves(B, Hkv, T, sms=132, programs_per_sm=pps)

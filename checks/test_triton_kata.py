@@ -193,6 +193,7 @@ def test_a_stub_kernel_raises_its_todo_from_its_own_frame():
     assert math.isfinite(1.0) and inspect.isfunction(stub.gqa_decode_kernel.fn)
 
 
+@pytest.mark.slow  # the child process is the point
 def test_on_a_cuda_machine_the_bytes_are_counted_in_an_interpreter_child_process(kata_tests, monkeypatch):
     # The path a GPU machine takes, taken here: the child imports the kata tests with TRITON_INTERPRET=1.
     monkeypatch.setenv("KVKATA_MODE", "solutions")

@@ -24,7 +24,7 @@ from kvref import triton_static
 
 # The fixture compiles every specialization once (about 20 s on 2 cores, more on a cold triton
 # cache): past the suite's 20 s per-test limit.
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]  # the compiler runs in a clean interpreter
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -34,6 +34,7 @@ _katas_key = pytest.StashKey[dict]()      # nodeid -> Kata, the selected tests
 _totals_key = pytest.StashKey[dict]()     # (card, kata) -> tests collected, before -k / --kata
 _broken_key = pytest.StashKey[dict]()     # card -> why its module does not import
 _hung_key = pytest.StashKey[dict]()       # (card, kata) -> the test that hung
+_durations_key = pytest.StashKey[dict]()  # nodeid -> seconds of setup, call and teardown
 _messages_key = pytest.StashKey[dict]()   # nodeid -> the learner message of a failed test
 _config: pytest.Config | None = None
 
@@ -65,7 +66,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if unknown:
         raise pytest.UsageError(f"--kata: no kata named {', '.join(unknown)}; `kvkata list` shows them all")
     config.addinivalue_line("markers", "kata(name): the stub this test checks (a name in kvkata/cards.toml)")
-    for key in (_results_key, _katas_key, _totals_key, _broken_key, _hung_key, _messages_key):
+    for key in (_results_key, _katas_key, _totals_key, _broken_key, _hung_key, _durations_key, _messages_key):
         config.stash[key] = {}
 
 
@@ -300,6 +301,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if _config is None:
         return
     results = _config.stash[_results_key]
+    durations = _config.stash[_durations_key]
+    durations[report.nodeid] = durations.get(report.nodeid, 0.0) + report.duration
     props = dict(report.user_properties)
     outcome = "broken" if props.get(BROKEN_KEY) else "todo" if props.get(TODO_KEY) else report.outcome
     previous = results.get(report.nodeid)
@@ -313,7 +316,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 def _state(config: pytest.Config) -> board.RunState:
     return board.RunState(results=dict(config.stash[_results_key]), katas=dict(config.stash[_katas_key]),
-                          totals=dict(config.stash[_totals_key]), broken=dict(config.stash[_broken_key]))
+                          totals=dict(config.stash[_totals_key]), broken=dict(config.stash[_broken_key]),
+                          durations=dict(config.stash[_durations_key]))
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
