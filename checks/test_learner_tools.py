@@ -6,12 +6,10 @@ learner's file without a backup."""
 from __future__ import annotations
 
 import ast
-import html
 import os
 import queue
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -210,24 +208,6 @@ def test_live_interview_maps_a_known_wrong_answer_to_the_points_its_tests_probe(
         if t not in failing:
             assert f"  {t}\n      probes:" not in proc.stdout, f"{t} passes, yet it is listed as failing"
     assert "Red flags to listen for:" in proc.stdout
-
-
-def test_the_anki_deck_holds_one_note_per_interviewer_question(tmp_path):
-    pytest.importorskip("genanki", reason="the Anki deck needs genanki (the dev extra)")
-    from kvkata.anki import build_deck
-    path = tmp_path / "kvkata.apkg"
-    n = build_deck(path)
-    questions = [(c.id, q) for c in manifest.cards() for q in c.notes()["questions"]]
-    assert n == len(questions)
-    with zipfile.ZipFile(path) as z:
-        z.extract("collection.anki2", tmp_path)
-    rows = sqlite3.connect(tmp_path / "collection.anki2").execute("select flds, tags from notes").fetchall()
-    assert len(rows) == len(questions)
-    fields = [(flds.split("\x1f"), tags.split()) for flds, tags in rows]
-    for card_id, q in questions:
-        match = [f for f, tags in fields if card_id in tags and html.unescape(f[0].replace("<br>", "\n")) == q.strip()]
-        assert len(match) == 1, f"{card_id}: {q[:60]!r}"
-        assert "derivation" in match[0][1] and "Red flags" in match[0][1]
 
 
 @pytest.mark.slow

@@ -171,14 +171,20 @@ def render_list(status: dict[str, str]) -> list[str]:
 
 
 def render_notes(card: manifest.Card) -> list[str]:
+    from kvkata import interview  # the agenda and the rubric
     notes = card.notes()
-    out = [f"{card.id}: {card.title}", "", "Questions to ask:"]
-    out += [f"  {i}. {q}" for i, q in enumerate(notes["questions"], 1)]
+    out = [f"{card.id}: {card.title}", "", f"Agenda ({interview.MINUTES} minutes; the candidate's sheet: "
+           f"kvkata interview {card.id} --sheet):"] + interview.agenda_lines(card)
+    out += ["", "Questions to ask, the answer to expect, and the rubric:"]
+    for q in interview.questions(card):
+        out += [f"  {q.number}. {q.text}"] + interview.rubric_lines(q)
     out += ["", "The derivation to expect:"] + ["  " + ln for ln in notes["derivation"].strip().splitlines()]
     out += ["", "Follow-ups:"]
     for f in notes["follow_ups"]:
         out += [f"  [{f['kind']}] {f['question']}", f"      expect: {f['expect']}"]
-    out += ["", "Red flags:"] + [f"  - {r}" for r in notes["red_flags"]]
+    out += ["", "Red flags (and the katas whose failures point to them):"]
+    for r, katas in zip(notes["red_flags"], notes.get("red_flag_katas", [()] * len(notes["red_flags"]))):
+        out += [f"  - {r}"] + ([f"      ({', '.join(katas)})"] if katas else [])
     out += ["", "Which tests probe what:"] + [f"  {t}: {what}" for t, what in notes["probes"].items()]
     if notes.get("sources"):
         out += ["", "Sources:"] + [f"  - {s}" for s in notes["sources"]]

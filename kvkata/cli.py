@@ -3,7 +3,8 @@
     kvkata                        run your katas (learner mode) and print the board
     kvkata board [-k EXPR]        the same, for the tests pytest's -k selects
     kvkata hint CARD [--level N]  hints for a card's katas (1 = nudge, 2 = method, 3 = near-answer)
-    kvkata interview CARD         the interviewer notes for a card
+    kvkata interview CARD         the interviewer notes for a card: agenda, questions with rubric, derivation
+    kvkata interview CARD --sheet the questions only, to hand to the candidate
     kvkata interview --live CARD  run the card's tests on the code in katas/ and say what to probe
     kvkata status                 the board from your saved progress, at once (runs nothing)
     kvkata list                   the cards and their katas, with each kata's saved status
@@ -102,49 +103,13 @@ def cmd_hint(args) -> int:
 
 
 def cmd_interview(args) -> int:
+    from kvkata import interview
     card = _card_or_exit(args.card)
     if args.live:
-        return live_interview(card)
-    for line in board.render_notes(card):
-        print(line)
+        return interview.live(card)
+    lines = interview.sheet(card) if args.sheet else board.render_notes(card)
+    print("\n".join(lines))
     return 0
-
-
-def live_interview(card: manifest.Card) -> int:
-    """Run the card's tests on katas/ (the candidate's code) and map each failing test to what it probes."""
-    print(f"kvkata: running {card.id}'s tests on the code in katas/{card.dir}/ ...", flush=True)
-    result = _learner_run(["-k", card.id])
-    data = result.data
-    if data is None or not data["tests"]:
-        print(result.output[-8000:], file=sys.stderr)
-        print("kvkata: the test run did not finish; see pytest's output above.", file=sys.stderr)
-        return 2
-    notes = card.notes()
-    by_test: dict[str, list[str]] = {}
-    for nodeid, r in data["tests"].items():
-        by_test.setdefault(nodeid.split("::")[-1].split("[")[0], []).append(r["outcome"])
-    failing = [t for t, outcomes in by_test.items() if any(o in ("failed", "broken") for o in outcomes)]
-    todo = [t for t, outcomes in by_test.items() if t not in failing and any(o == "todo" for o in outcomes)]
-    passing = [t for t in by_test if t not in failing and t not in todo]
-    print(f"{card.id}: {card.title}: {len(passing)} tests pass, {len(failing)} fail, {len(todo)} not attempted")
-    if failing:
-        print("\nProbe these (a failing test, and the point of the notes it checks):")
-        for t in failing:
-            print(f"  {t}\n      probes: {notes['probes'].get(t, '(no probe recorded)')}")
-        print("\nRed flags to listen for:")
-        for r in notes["red_flags"]:
-            print(f"  - {r}")
-    if todo:
-        print("\nNot attempted (ask the question instead):")
-        for t in todo:
-            print(f"  {t}: {notes['probes'].get(t, '')}")
-    print("\nNext questions:")
-    for q in notes["questions"][:2]:
-        print(f"  - {q}")
-    follow = next((f for f in notes["follow_ups"] if f["kind"] == ("numerical" if failing else "distributed")), None)
-    if follow:
-        print(f"  - [{follow['kind']}] {follow['question']}")
-    return 0 if not failing and not todo else 1
 
 
 def cmd_watch(args) -> int:
@@ -258,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     p_int = sub.add_parser("interview", help="interviewer notes for a card")
     p_int.add_argument("card")
     p_int.add_argument("--live", action="store_true", help="run the card's tests on katas/ and say what to probe")
+    p_int.add_argument("--sheet", action="store_true", help="the questions only, to hand to the candidate")
     sub.add_parser("status", help="the board from your saved progress, at once (runs nothing)")
     sub.add_parser("list", help="the cards and their katas, with each kata's saved status")
     p_watch = sub.add_parser("watch", help="rerun the kata you are on whenever a file under katas/ is saved")

@@ -36,6 +36,7 @@ _totals_key = pytest.StashKey[dict]()     # (card, kata) -> tests collected, bef
 _broken_key = pytest.StashKey[dict]()     # card -> why its module does not import
 _hung_key = pytest.StashKey[dict]()       # (card, kata) -> the test that hung
 _durations_key = pytest.StashKey[dict]()  # nodeid -> seconds of setup, call and teardown
+_messages_key = pytest.StashKey[dict]()   # nodeid -> the learner message of a failed test
 _config: pytest.Config | None = None
 
 
@@ -66,7 +67,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if unknown:
         raise pytest.UsageError(f"--kata: no kata named {', '.join(unknown)}; `kvkata list` shows them all")
     config.addinivalue_line("markers", "kata(name): the stub this test checks (a name in kvkata/cards.toml)")
-    for key in (_results_key, _katas_key, _totals_key, _broken_key, _hung_key, _durations_key):
+    for key in (_results_key, _katas_key, _totals_key, _broken_key, _hung_key, _durations_key, _messages_key):
         config.stash[key] = {}
 
 
@@ -310,6 +311,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if previous is None or previous == "passed" or outcome in ("failed", "todo", "broken"):
         if not (report.when == "teardown" and outcome == "passed"):
             results[report.nodeid] = outcome
+    if report.failed:  # the learner message (called/got/expected), for `kvkata interview --live`
+        _config.stash[_messages_key].setdefault(report.nodeid, str(report.longrepr))
 
 
 def _state(config: pytest.Config) -> board.RunState:
@@ -335,7 +338,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
             session.config.stash[_unsaved_key] = str(exc)
     path = session.config.getoption("kvkata_json")
     if path:
-        Path(path).write_text(json.dumps({"mode": kvkata.mode(), **state.to_json()}, indent=1))
+        data = {"mode": kvkata.mode(), **state.to_json(), "messages": session.config.stash[_messages_key]}
+        Path(path).write_text(json.dumps(data, indent=1))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
