@@ -13,8 +13,8 @@ is `torch.set_num_threads(1)`, which keeps every op on its own thread; it also r
 default SIGTERM, SIGINT and SIGALRM handlers (a test runner's alarm handler is not the rank's)
 and asks the kernel to kill it if the launching process dies (Linux's PR_SET_PDEATHSIG).
 Ranks are spawned instead, with a RuntimeWarning saying why, when fork is unsafe or absent:
-CUDA is initialised in the launching process, the platform has no fork (Windows; macOS, where
-fork is unsafe with system frameworks), or KVREF_START_METHOD=spawn is set. `launch(...,
+CUDA is initialised in the launching process, the platform has no fork (Windows) or fork is
+unsafe there (macOS's system frameworks), or KVREF_START_METHOD=spawn is set. `launch(...,
 start_method="spawn")` asks for spawn without a warning. The rules for `fn` and its arguments
 are those of spawn whichever method runs (checked before any process starts), so a launch that
 works here works everywhere: `fn` is a module-level function and its arguments and results
@@ -44,12 +44,14 @@ Failures: a worker's exception is reported with its rank; a rank that dies witho
 (os._exit, a signal) is reported by rank and exit code; a rank that has not finished when the
 launch's timeout expires is reported by rank; every child is terminated (then killed) and
 joined before `launch` returns or raises, whichever way it ends (a KeyboardInterrupt or a test
-runner's timeout included).
+runner's timeout included; those signals are held while the ranks start). A rank waits in the
+rendezvous or a collective no longer than the launch's timeout, and dies with the launcher.
 """
 
 from __future__ import annotations
 
 import ctypes
+import datetime
 import os
 import pickle
 import queue
@@ -129,16 +131,23 @@ def _die_with(parent: int | None) -> None:
         os._exit(1)
 
 
-def _entry(rank: int, world: int, port: int, results, fn, args, parent: int | None) -> None:
+_PARENT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGALRM)
+
+
+def _entry(rank: int, world: int, port: int, results, fn, args, parent: int | None, timeout: float) -> None:
     # Before anything else: a forked child that runs an op on several threads enters OpenMP with
     # its parent's thread pool, which does not exist in the child, and hangs. One thread keeps
     # every op inline (and several ranks share two cores anyway).
     torch.set_num_threads(1)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):  # a forked child inherits its parent's handlers
+    for sig in _PARENT_SIGNALS:  # a forked child inherits its parent's handlers, and the mask launch set
         signal.signal(sig, signal.SIG_DFL)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _PARENT_SIGNALS)
     _die_with(parent)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        # A rank never waits longer than the launch does, in the rendezvous or in a collective.
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout))
         out = fn(rank, world, *args)
         results.put(("ok", rank, out))
     except BaseException:  # noqa: BLE001 - everything a rank raises goes back to the launcher
@@ -177,17 +186,13 @@ def launch(fn, world: int, *args, timeout: float = 60.0, start_method: str | Non
     results = ctx.Queue()
     port = free_port()
     parent = os.getpid() if method in START_METHODS else None  # a forkserver would be the ranks' parent
-    procs = [ctx.Process(target=_entry, args=(r, world, port, results, fn, args, parent), daemon=True)
+    procs = [ctx.Process(target=_entry, args=(r, world, port, results, fn, args, parent, timeout),
+                         daemon=True)
              for r in range(world)]
     out: dict[int, object] = {}
     deadline = time.monotonic() + timeout
     try:
-        with warnings.catch_warnings():
-            # Python 3.12+ warns that forking a multi-threaded process may deadlock the child;
-            # torch's OpenMP pool is such a thread, and _entry's first line is what makes it safe.
-            warnings.filterwarnings("ignore", r"This process .* is multi-threaded", DeprecationWarning)
-            for p in procs:
-                p.start()
+        _start(procs)
         while len(out) < world:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -209,6 +214,24 @@ def launch(fn, world: int, *args, timeout: float = 60.0, start_method: str | Non
         _end(procs, grace=2.0 if len(out) == world else 0.0)
         results.close()
         results.join_thread()
+
+
+def _start(procs) -> None:
+    """Start every rank with SIGTERM, SIGINT and SIGALRM (a test runner's timeout) held until each
+    has a Process that `_end` can join: a signal between a fork and its bookkeeping would orphan a rank."""
+    masked = hasattr(signal, "pthread_sigmask")
+    if masked:
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, _PARENT_SIGNALS)
+    try:
+        with warnings.catch_warnings():
+            # Python 3.12+ warns that forking a multi-threaded process may deadlock the child;
+            # torch's OpenMP pool is such a thread, and _entry's first line is what makes it safe.
+            warnings.filterwarnings("ignore", r"This process .* is multi-threaded", DeprecationWarning)
+            for p in procs:
+                p.start()
+    finally:
+        if masked:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal that came meanwhile is delivered now
 
 
 def _end(procs, grace: float) -> None:
