@@ -6,8 +6,9 @@ model sharded by tensor parallelism (tp = 1, 2, 4) or split into 2 pipeline stag
 logits equal the single-process model's (checked by the maintainers' suite); here each rank's
 cache is read back: which KV heads it holds (found by comparing its cached keys with the
 single-process model's), its `.nbytes`, and the bytes a stage sends the next. One run per
-layout serves every test, and every test calls your code before any run starts. Real presets are measured on the meta device (shapes, no storage),
-with the same head and layer assignment the run uses.
+layout serves every test, and every test calls your code before any run starts. Real presets are
+measured on the meta device (shapes, no storage), with the same head and layer assignment the run
+uses.
 """
 
 import functools
@@ -22,9 +23,9 @@ import kvkata
 from kvkata.check import call_str, describe, expect_close, expect_equal, expect_real, plural
 from kvref.config import PRESETS, ModelConfig, preset
 from kvref.measure import kv_cache_bytes_measured
-from kvref.parallel import (check_reshard_plan, choose_start_method, heads_in_cache, launch, pp_hidden_nbytes_meta, pp_stage_cache_nbytes_meta,
-                            pp_worker, reshard_message_nbytes_meta, reshard_worker, single_process, tp_cache_nbytes_meta,
-                            tp_kv_heads, tp_worker)
+from kvref.parallel import (check_reshard_plan, choose_start_method, heads_in_cache, launch, pp_hidden_nbytes_meta,
+                            pp_stage_cache_nbytes_meta, pp_worker, reshard_message_nbytes_meta, reshard_worker,
+                            single_process, tp_cache_nbytes_meta, tp_kv_heads, tp_worker)
 from kvref.parallel import reshard_plan as kvref_plan
 
 impl = kvkata.load("card07_distributed.sharding")
@@ -40,6 +41,8 @@ LAUNCH_TIMEOUT = 60 if SPAWNS else 15
 def gloo(test):
     """For a test that may make a gloo launch: the kata timeout, or 120 s where ranks are spawned."""
     return pytest.mark.timeout(120)(test) if SPAWNS else test
+
+
 BATCH, PROMPT, LENGTH = 2, 4, 7  # 2 sequences: a 4-token prompt, then 3 decode steps
 GQA = ModelConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=8, n_kv_heads=2, head_dim=4, d_ff=32)
 MQA = GQA.with_(n_kv_heads=1)
