@@ -166,3 +166,7 @@ def pytest_collection_modifyitems(items) -> None:
     for item in items:
         if item.get_closest_marker("timeout") is None and "checks" in item.path.parts:
             item.add_marker(pytest.mark.timeout(900))
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: starts processes")

@@ -1,23 +1,31 @@
 """kvref.parallel against the single-process model: tensor parallelism on tp = 1, 2, 4 (including
 fewer KV heads than ranks), 2 pipeline stages, caches resharded mid-decode (tp = 2 to 4, 4 to 2, 4 to 1),
-and failures named by rank with no process left behind.
+failures named by rank with no process left behind, and how the ranks start (forked here; spawned,
+with a warning saying why, where fork is unsafe).
 
-Every launch is real: gloo process groups over spawned CPU processes. One launch per layout,
-shared by the tests (each costs seconds: every process imports torch).
+Every launch is real: gloo process groups over CPU processes, one launch per layout shared by the
+tests. The tests that start processes are marked slow.
 """
 
 import functools
 import multiprocessing
+import multiprocessing.process
 import os
+import signal
+import subprocess
+import sys
 import time
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from kvref.config import ModelConfig
-from kvref.parallel import (LaunchError, check_reshard_plan, faulty_worker, heads_in_cache, launch, pp_layers,
-                            pp_worker, reshard_plan, reshard_worker, single_process, tp_kv_heads, tp_worker)
+import kvref.parallel as parallel
+from kvref.parallel import (LaunchError, check_reshard_plan, choose_start_method, faulty_worker, heads_in_cache, launch,
+                            pp_layers, pp_worker, reshard_plan, reshard_worker, single_process, tp_kv_heads, tp_worker)
 
 BATCH, PROMPT, LENGTH = 2, 5, 9  # a 5-token prompt, then 4 decode steps
 GQA = ModelConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=8, n_kv_heads=2, head_dim=4, d_ff=32)
@@ -39,7 +47,7 @@ def pp_reports():
     return launch(pp_worker, 2, PIPELINE, 0, IDS, PROMPT, timeout=60)
 
 
-@pytest.mark.slow  # gloo ranks in new processes
+@pytest.mark.slow
 @pytest.mark.parametrize("j", range(len(LAYOUTS)), ids=[f"Hkv{c.n_kv_heads}-tp{tp}" for c, tp in LAYOUTS])
 def test_tensor_parallel_logits_equal_the_single_process_model(j):
     cfg, tp = LAYOUTS[j]
@@ -49,7 +57,7 @@ def test_tensor_parallel_logits_equal_the_single_process_model(j):
         np.testing.assert_allclose(got, want, atol=ATOL, rtol=RTOL, err_msg=f"tp = {tp}, rank {r}")
 
 
-@pytest.mark.slow  # gloo ranks in new processes
+@pytest.mark.slow
 @pytest.mark.parametrize("j", range(len(LAYOUTS)), ids=[f"Hkv{c.n_kv_heads}-tp{tp}" for c, tp in LAYOUTS])
 def test_each_rank_caches_exactly_the_kv_heads_its_query_heads_read(j):
     cfg, tp = LAYOUTS[j]
@@ -66,7 +74,7 @@ def test_each_rank_caches_exactly_the_kv_heads_its_query_heads_read(j):
     assert copies == [max(1, tp // cfg.n_kv_heads)] * cfg.n_kv_heads  # vLLM's replication
 
 
-@pytest.mark.slow  # gloo ranks in new processes
+@pytest.mark.slow
 def test_pipeline_stages_give_the_single_process_logits_and_split_the_cache():
     want, _, full_nbytes = single_process(PIPELINE, 0, IDS, PROMPT)
     first, last = pp_reports()
@@ -95,7 +103,7 @@ def reshard_runs() -> dict:
     return out
 
 
-@pytest.mark.slow  # gloo ranks in new processes
+@pytest.mark.slow
 @pytest.mark.parametrize("lay", RESHARDS, ids=lambda lay: f"hkv{lay[0]}-tp{lay[1]}to{lay[2]}")
 def test_a_cache_resharded_mid_decode_resumes_with_unchanged_logits(lay):
     n_kv, a, b = lay
@@ -146,12 +154,128 @@ def test_a_plan_that_loses_or_duplicates_a_head_is_refused():
         check_reshard_plan(cfg, 2, 4, [(h, 1 - s, d) for h, s, d in plan])
 
 
-@pytest.mark.slow  # the launcher, with gloo ranks in new processes
-def test_the_launcher_refuses_a_plan_that_loses_a_head():
+@pytest.mark.slow
+def test_the_engine_refuses_a_plan_that_loses_a_head_before_anything_is_sent():
     cfg = GQA.with_(n_kv_heads=8)
-    plan = reshard_plan(cfg, 2, 4)
     with pytest.raises(LaunchError, match="nothing sends it"):
-        launch(reshard_worker, 4, [(cfg, 0, IDS, PROMPT, 2, 2, 4, plan[1:])], timeout=60)
+        launch(reshard_worker, 4, [(cfg, 0, IDS, PROMPT, 2, 2, 4, reshard_plan(cfg, 2, 4)[1:])], timeout=60)
+
+
+# --- how ranks start, and what is left when a launch ends ------------------------------------
+
+MARK = "as imported"  # a forked rank sees the value this process set; a spawned one imports it afresh
+
+
+def probe(rank: int, world: int) -> tuple:
+    """For the start-method checks: what a rank sees of this module, its torch threads and its pid,
+    after an op large enough to run on several threads if it had them."""
+    torch.randn(1 << 21).exp().sum()
+    return MARK, torch.get_num_threads(), os.getpid()
+
+
+def _gone(pid: int, orphan: bool = False) -> bool:
+    """A rank's pid no longer names a process; an orphan adopted by a non-reaping init may stay a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return orphan and state in ("Z", "X")
+
+
+@pytest.fixture
+def rank_pids(monkeypatch) -> list[int]:
+    """The pid of every process started with multiprocessing during the test (the ranks, by fork or spawn)."""
+    pids = []
+    real = multiprocessing.process.BaseProcess.start
+
+    def start(self):
+        real(self)
+        pids.append(self.pid)
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", start)
+    return pids
+
+
+def _nothing_left(pids: list[int]) -> None:
+    assert multiprocessing.active_children() == []
+    assert [p for p in pids if not _gone(p)] == [], "rank processes still exist after launch ended"
+
+
+def test_launch_chooses_fork_on_linux_without_cuda_and_spawn_where_fork_is_unsafe(monkeypatch):
+    monkeypatch.delenv("KVREF_START_METHOD", raising=False)
+    if sys.platform.startswith("linux") and not torch.cuda.is_initialized():
+        assert choose_start_method() == ("fork", None)
+        assert choose_start_method("fork") == ("fork", None)
+    assert choose_start_method("spawn") == ("spawn", None)  # asked for by name: no warning
+    monkeypatch.setenv("KVREF_START_METHOD", "spawn")
+    assert choose_start_method() == ("spawn", "KVREF_START_METHOD=spawn is set")
+    monkeypatch.setenv("KVREF_START_METHOD", "fork")
+    with monkeypatch.context() as m:
+        m.setattr(parallel.torch.cuda, "is_initialized", lambda: True)
+        assert choose_start_method("fork") == ("spawn", "CUDA is initialised in this process, and a forked child "
+                                                        "cannot use its CUDA context")
+    with monkeypatch.context() as m:
+        m.setattr(parallel.mp, "get_all_start_methods", lambda: ["spawn"])
+        m.setattr(parallel.sys, "platform", "win32")
+        assert choose_start_method() == ("spawn", "this platform (win32) has no fork")
+    with monkeypatch.context() as m:
+        m.setattr(parallel.sys, "platform", "darwin")
+        method, why = choose_start_method()
+        assert method == "spawn" and "macOS" in why
+    monkeypatch.setenv("KVREF_START_METHOD", "forkserver")
+    with pytest.raises(ValueError, match="KVREF_START_METHOD must be 'fork' or 'spawn'"):
+        choose_start_method()
+    with pytest.raises(ValueError, match="start_method must be None, 'fork' or 'spawn', got 'thread'"):
+        choose_start_method("thread")
+
+
+def test_launch_refuses_what_spawn_could_not_run_before_starting_anything(rank_pids):
+    with pytest.raises(TypeError, match="module-level fn and arguments that pickle"):
+        launch(lambda rank, world: rank, 2)
+    with pytest.raises(TypeError, match="module-level fn and arguments that pickle"):
+        launch(probe, 2, lambda: None)
+    with pytest.raises(ValueError, match="world must be a positive int, got 0"):
+        launch(probe, 0)
+    with pytest.raises(ValueError, match="timeout must be a positive number of seconds, got 0"):
+        launch(probe, 2, timeout=0)
+    assert rank_pids == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork is the default on Linux only")
+def test_ranks_are_forked_from_this_process_with_one_torch_thread_each(monkeypatch, rank_pids):
+    if torch.cuda.is_initialized():
+        pytest.skip("CUDA is initialised in this process: launch spawns")
+    monkeypatch.delenv("KVREF_START_METHOD", raising=False)
+    monkeypatch.setattr(sys.modules[__name__], "MARK", "set by this process after import")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the root conftest sets 1; a learner's OMP_NUM_THREADS may set more
+    try:
+        torch.randn(1 << 21).exp().sum()  # this process's OpenMP pool has run: a forked child entering it would hang
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no fallback warning
+            reports = launch(probe, 3, timeout=30)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r[0] for r in reports] == ["set by this process after import"] * 3  # forked: this process's memory
+    assert [r[1] for r in reports] == [1, 1, 1]
+    assert sorted(r[2] for r in reports) == sorted(rank_pids)
+    _nothing_left(rank_pids)
+
+
+@pytest.mark.slow
+def test_where_fork_is_unsafe_ranks_are_spawned_with_a_warning_that_says_why(monkeypatch, rank_pids):
+    monkeypatch.delenv("KVREF_START_METHOD", raising=False)
+    monkeypatch.setattr(parallel.torch.cuda, "is_initialized", lambda: True)  # as after a CUDA op in this process
+    monkeypatch.setattr(sys.modules[__name__], "MARK", "set by this process after import")
+    with pytest.warns(RuntimeWarning, match="starts its 2 ranks with spawn, not fork: CUDA is initialised in this "
+                                            "process") as caught:
+        reports = launch(probe, 2, timeout=300)  # each rank imports torch: seconds, more on a loaded machine
+    assert len(caught) == 1
+    assert [r[0] for r in reports] == ["as imported"] * 2  # spawned: each rank imported this module afresh
+    assert [r[1] for r in reports] == [1, 1]
+    _nothing_left(rank_pids)
 
 
 def _children_of_this_process() -> set[int]:
@@ -169,18 +293,74 @@ def _children_of_this_process() -> set[int]:
     return pids
 
 
-@pytest.mark.slow  # gloo ranks in new processes
-@pytest.mark.parametrize("fault,words", [("raise", "rank 1 of 3 failed"),
-                                         ("exit", "rank 1 of 3 exited with code 3"),
-                                         ("hang", "rank 1 of 3 did not finish within 10 s")])
-def test_a_failing_rank_is_named_within_the_timeout_and_no_process_is_left(fault, words):
+@pytest.mark.slow
+@pytest.mark.parametrize("fault,words,method", [("raise", "rank 1 of 3 failed", None),
+                                                ("exit", "rank 1 of 3 exited with code 3", None),
+                                                ("hang", "rank 1 of 3 did not finish within 5 s", None),
+                                                ("exit", "rank 1 of 3 exited with code 3", "spawn")])
+def test_a_failing_rank_is_named_within_the_timeout_and_no_process_is_left(fault, words, method, rank_pids):
     before = _children_of_this_process()
+    timeout = 5 if method is None else 120  # forked ranks start in a fraction of a second; spawned ones import torch
     start = time.monotonic()
     with pytest.raises(LaunchError) as info:
-        launch(faulty_worker, 3, 1, fault, timeout=10)  # the healthy ranks need seconds to start
+        launch(faulty_worker, 3, 1, fault, timeout=timeout, start_method=method)
     assert words in str(info.value)
-    assert time.monotonic() - start < 20
-    assert multiprocessing.active_children() == []
+    assert time.monotonic() - start < timeout + 15  # the timeout, then at most 5 s to terminate and 5 s to kill
+    assert len(rank_pids) == 3
+    _nothing_left(rank_pids)
     time.sleep(0.2)  # the resource tracker may outlive a launch; rank processes must not
     left = _children_of_this_process() - before
     assert not left or all("resource_tracker" in open(f"/proc/{p}/cmdline").read() for p in left), left
+
+
+class Interrupted(BaseException):
+    """What a test runner's timer raises in the launching process (kvkata's KataTimeout is a BaseException)."""
+
+
+@pytest.mark.slow
+def test_a_launch_interrupted_by_a_timer_signal_leaves_no_process(rank_pids):
+    def handler(signum, frame):
+        raise Interrupted
+
+    old_handler = signal.signal(signal.SIGALRM, handler)
+    old_timer = signal.setitimer(signal.ITIMER_REAL, 1.0)  # pytest-timeout's own timer, if any, is put back below
+    start = time.monotonic()
+    try:
+        with pytest.raises(Interrupted):
+            launch(faulty_worker, 3, 1, "hang", timeout=60)  # rank 1 sleeps for an hour
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_handler)
+        if old_timer[0] > 0:
+            signal.setitimer(signal.ITIMER_REAL, max(0.001, old_timer[0] - (time.monotonic() - start)))
+    assert len(rank_pids) == 3
+    _nothing_left(rank_pids)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_ranks_die_with_a_launcher_that_is_killed():
+    script = ("import multiprocessing.process as mpp\n"
+              "from kvref.parallel import faulty_worker, launch\n"
+              "real = mpp.BaseProcess.start\n"
+              "def start(self):\n"
+              "    real(self)\n"
+              "    print(self.pid, flush=True)\n"
+              "mpp.BaseProcess.start = start\n"
+              "launch(faulty_worker, 2, 1, 'hang', timeout=600)\n")  # rank 1 sleeps for an hour
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    launcher = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        pids = [int(launcher.stdout.readline()) for _ in range(2)]
+    finally:
+        launcher.kill()  # SIGKILL: no finally, no atexit; only the kernel can end its ranks
+        launcher.wait()
+        launcher.stdout.close()
+    deadline = time.monotonic() + 60
+    while not all(_gone(p, orphan=True) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [p for p in pids if not _gone(p, orphan=True)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)  # do not leave them to the next test
+    assert left == [], "a rank outlived its killed launcher"

@@ -1,13 +1,14 @@
 """card07: distributed cache consistency.
 
-The answers are checked against a real run: kvref.parallel spawns one CPU process per rank,
+The answers are checked against a real run: kvref.parallel starts one CPU process per rank,
 joins them with torch.distributed's gloo backend and decodes a prompt and 3 more tokens with the
 model sharded by tensor parallelism (tp = 1, 2, 4) or split into 2 pipeline stages. Each rank's
 logits equal the single-process model's (checked by the maintainers' suite); here each rank's
 cache is read back: which KV heads it holds (found by comparing its cached keys with the
 single-process model's), its `.nbytes`, and the bytes a stage sends the next. One run per
-layout serves every test. Real presets are measured on the meta device (shapes, no storage),
-with the same head and layer assignment the run uses.
+layout serves every test, and every test calls your code before any run starts. Real presets are
+measured on the meta device (shapes, no storage), with the same head and layer assignment the run
+uses.
 """
 
 import functools
@@ -22,17 +23,26 @@ import kvkata
 from kvkata.check import call_str, describe, describe_config, expect_close, expect_equal, expect_real, plural
 from kvref.config import PRESETS, ModelConfig, preset
 from kvref.measure import kv_cache_bytes_measured
-from kvref.parallel import (check_reshard_plan, heads_in_cache, launch, pp_hidden_nbytes_meta, pp_stage_cache_nbytes_meta,
-                            pp_worker, reshard_message_nbytes_meta, reshard_worker, single_process, tp_cache_nbytes_meta,
-                            tp_kv_heads, tp_worker)
+from kvref.parallel import (check_reshard_plan, choose_start_method, heads_in_cache, launch, pp_hidden_nbytes_meta,
+                            pp_stage_cache_nbytes_meta, pp_worker, reshard_message_nbytes_meta, reshard_worker,
+                            single_process, tp_cache_nbytes_meta, tp_kv_heads, tp_worker)
 from kvref.parallel import reshard_plan as kvref_plan
 
 impl = kvkata.load("card07_distributed.sharding")
 
-# A gloo launch spawns processes that each import torch: seconds on an idle machine, more on a
-# loaded one. Tests that may make the first launch get longer than the kata timeout's 20 s
-# (each launch also stops itself after 60 s and names the rank that hung).
-GLOO_TIMEOUT = pytest.mark.timeout(120)
+# Where kvref forks its ranks (Linux without CUDA in this process), a launch takes a fraction of a
+# second and the gloo tests keep the kata timeout (20 s); each launch stops itself after 15 s, naming
+# the rank that hung, before that timeout would blame the kata. Where it must spawn them (each rank
+# imports torch again; kvref warns why), they get 120 s and each launch 60 s.
+SPAWNS = choose_start_method()[0] == "spawn"
+LAUNCH_TIMEOUT = 60 if SPAWNS else 15
+
+
+def gloo(test):
+    """For a test that may make a gloo launch: the kata timeout, or 120 s where ranks are spawned."""
+    return pytest.mark.timeout(120)(test) if SPAWNS else test
+
+
 BATCH, PROMPT, LENGTH = 2, 4, 7  # 2 sequences: a 4-token prompt, then 3 decode steps
 GQA = ModelConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=8, n_kv_heads=2, head_dim=4, d_ff=32)
 MQA = GQA.with_(n_kv_heads=1)
@@ -51,7 +61,7 @@ REAL = [name for name, cfg in PRESETS.items() if not cfg.is_mla]
 @functools.cache
 def tp_runs() -> dict:
     """{(cfg, tp): [(heads found in rank r's cache, rank r's cache .nbytes) for each rank]}, from one gloo launch."""
-    reports = launch(tp_worker, 4, [(cfg, 0, tp, IDS, PROMPT) for cfg, tp in LAYOUTS], timeout=60)
+    reports = launch(tp_worker, 4, [(cfg, 0, tp, IDS, PROMPT) for cfg, tp in LAYOUTS], timeout=LAUNCH_TIMEOUT)
     out = {}
     for j, (cfg, tp) in enumerate(LAYOUTS):
         k_full = single_process(cfg, 0, IDS, PROMPT)[1]
@@ -62,7 +72,7 @@ def tp_runs() -> dict:
 @functools.cache
 def pp_run() -> list:
     """Each stage's report from one 2-stage gloo launch over PIPELINE's 4 layers."""
-    return launch(pp_worker, 2, PIPELINE, 0, IDS, PROMPT, timeout=60)
+    return launch(pp_worker, 2, PIPELINE, 0, IDS, PROMPT, timeout=LAUNCH_TIMEOUT)
 
 
 def name_of(cfg: ModelConfig) -> str:
@@ -106,7 +116,7 @@ def heads_read_by(n_heads: int, n_kv: int, tp: int) -> list[list[int]]:
 
 # --- which heads, how many copies --------------------------------------------------------------
 
-@GLOO_TIMEOUT
+@gloo
 @pytest.mark.kata("kv_heads_of_rank")
 def test_kv_heads_of_rank_are_the_heads_each_ranks_cache_holds_in_a_gloo_run():
     answers = {(cfg, tp, r): impl.kv_heads_of_rank(cfg.n_kv_heads, tp, r) for cfg, tp in LAYOUTS for r in range(tp)}
@@ -132,7 +142,7 @@ def test_kv_heads_of_rank_are_those_its_contiguous_query_heads_read(pair, data):
                      f"{r}·H/tp .. {r + 1}·H/tp - 1 that rank {r} owns ({n_heads} query heads)")
 
 
-@GLOO_TIMEOUT
+@gloo
 @pytest.mark.kata("kv_replication")
 def test_kv_replication_is_how_many_ranks_cache_each_head_in_a_gloo_run():
     answers = {(cfg, tp): impl.kv_replication(cfg.n_kv_heads, tp) for cfg, tp in LAYOUTS}
@@ -161,7 +171,7 @@ def test_kv_replication_counts_the_copies_over_every_valid_layout(pair):
 
 # --- bytes per rank and per stage --------------------------------------------------------------
 
-@GLOO_TIMEOUT
+@gloo
 @pytest.mark.kata("kv_bytes_per_rank")
 def test_kv_bytes_per_rank_match_nbytes_of_each_ranks_cache_in_a_gloo_run():
     answers = {(cfg, tp): impl.kv_bytes_per_rank(cfg, tp, BATCH, LENGTH, torch.float32) for cfg, tp in LAYOUTS}
@@ -190,7 +200,7 @@ def test_kv_bytes_per_rank_of_real_presets_match_a_meta_allocated_shard(name, tp
                  f"{plural(len(tp_kv_heads(cfg, tp, tp - 1)), 'KV head')} it holds of {cfg.n_kv_heads}")
 
 
-@GLOO_TIMEOUT
+@gloo
 @pytest.mark.kata("pipeline_kv_bytes_per_stage")
 def test_pipeline_kv_bytes_per_stage_match_each_stages_cache_in_a_gloo_run():
     got = impl.pipeline_kv_bytes_per_stage(PIPELINE, 2, BATCH, LENGTH, torch.float32)
@@ -219,7 +229,7 @@ def test_pipeline_kv_bytes_per_stage_of_real_presets_add_up_to_one_copy_of_the_c
                  f"{cfg.n_layers} layers; the whole model's cache is {whole:,} bytes, stored once across the stages")
 
 
-@GLOO_TIMEOUT
+@gloo
 @pytest.mark.kata("pipeline_bytes_sent_per_step")
 def test_pipeline_bytes_sent_per_step_are_what_stage_0_sent_each_step_of_a_gloo_run():
     got = impl.pipeline_bytes_sent_per_step(PIPELINE, BATCH, torch.float32)
@@ -261,13 +271,18 @@ TRIPLES = st.sampled_from([(h, a, b) for h in (1, 2, 4, 8, 16) for a in (1, 2, 4
                            if a != b and all(h % t == 0 or t % h == 0 for t in (a, b))])
 
 
-@functools.cache
 def reshard_run(plans: tuple | None = None) -> dict:
     """{(cfg, a, b): one report per GPU} from one gloo launch on 4 GPUs: decode the prompt and BEFORE
-    tokens on tp = a, move K/V by `plans` (None: kvref's plan) with isend/irecv, decode the rest on tp = b."""
-    plans = plans or (None,) * len(RESHARDS)
-    jobs = [(cfg, 0, IDS, PROMPT, BEFORE, a, b, plan) for (cfg, a, b), plan in zip(RESHARDS, plans)]
-    reports = launch(reshard_worker, 4, jobs, timeout=60)
+    tokens on tp = a, move K/V by `plans` (None: kvref's plan) with isend/irecv, decode the rest on tp = b.
+    Plans equal to kvref's share its run."""
+    ours = tuple(tuple(kvref_plan(cfg, a, b)) for cfg, a, b in RESHARDS)
+    return _reshard_launch(ours if plans is None else tuple(tuple(tuple(m) for m in plan) for plan in plans))
+
+
+@functools.cache
+def _reshard_launch(plans: tuple) -> dict:
+    jobs = [(cfg, 0, IDS, PROMPT, BEFORE, a, b, list(plan)) for (cfg, a, b), plan in zip(RESHARDS, plans)]
+    reports = launch(reshard_worker, 4, jobs, timeout=LAUNCH_TIMEOUT)
     return {lay: [reports[g][j] for g in range(4)] for j, lay in enumerate(RESHARDS)}
 
 
@@ -295,7 +310,7 @@ def valid_plan(n_kv: int, a: int, b: int) -> list[tuple[int, int, int]]:
     return plan
 
 
-@GLOO_TIMEOUT
+@gloo
 @pytest.mark.kata("reshard_plan")
 def test_reshard_plan_run_in_gloo_resumes_decoding_with_unchanged_logits():
     plans = tuple(tuple(valid_plan(cfg.n_kv_heads, a, b)) for cfg, a, b in RESHARDS)
@@ -328,15 +343,16 @@ def test_reshard_plan_moves_each_missing_head_once_from_a_holder_it_spreads_over
     valid_plan(*triple)  # every check, and its message, is in valid_plan
 
 
-@GLOO_TIMEOUT
+@gloo
 @pytest.mark.kata("reshard_seconds")
 @pytest.mark.parametrize("alpha, beta", [(1e-3, 1e12), (0.0, 1e6), (5e-6, 2.5e10)],
                          ids=["latency-bound", "bandwidth-bound", "nvlink-like"])
 def test_reshard_seconds_price_the_messages_a_gloo_reshard_sent_and_received(alpha, beta):
-    runs = reshard_run()
     T = PROMPT + BEFORE
-    for cfg, a, b in RESHARDS:
-        got = impl.reshard_seconds(cfg, a, b, BATCH, T, torch.float32, alpha, beta)
+    answers = {lay: impl.reshard_seconds(lay[0], lay[1], lay[2], BATCH, T, torch.float32, alpha, beta)
+               for lay in RESHARDS}
+    runs = reshard_run()
+    for (cfg, a, b), got in answers.items():
         links = [(r.messages_sent, r.bytes_sent, r.messages_received, r.bytes_received) for r in runs[cfg, a, b]]
         busiest = max(max(ms * alpha + bs / beta, mr * alpha + br / beta) for ms, bs, mr, br in links)
         expect_real(call_str("reshard_seconds", Shown(name_of(cfg)), a, b, BATCH, T, torch.float32, alpha, beta), got,
