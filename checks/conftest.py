@@ -40,6 +40,7 @@ def run_suite(*args: str, cwd: Path = ROOT, mode: str | None = None, timeout: in
     """Run pytest on the kata tests in a fresh process and collect each test's outcome."""
     env = {k: v for k, v in os.environ.items() if k not in ("KVKATA_MODE", "PYTEST_ADDOPTS")}
     env["HYPOTHESIS_PROFILE"] = "kata"  # the learners' profile: what a learner sees
+    env["KVKATA_COUNT_WORK"] = "1"  # each test's CPU time and the processes it starts, in the JSON report
     if mode:
         env["KVKATA_MODE"] = mode
     result = runner.run(["katas", "-p", "no:randomly", *args], cwd=cwd, env=env, timeout=timeout)

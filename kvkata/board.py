@@ -39,11 +39,12 @@ class RunState:
     totals: dict[tuple[str, str], int]
     broken: dict[str, str] = field(default_factory=dict)
     durations: dict[str, float] = field(default_factory=dict)  # nodeid -> seconds (setup + call + teardown)
+    work: dict[str, dict] = field(default_factory=dict)  # nodeid -> {"cpu", "processes"} with KVKATA_COUNT_WORK=1
 
     def to_json(self) -> dict:
         tests = {n: {"outcome": o, "card": self.katas[n].card if n in self.katas else None,
                      "kata": self.katas[n].name if n in self.katas else None,
-                     "duration": self.durations.get(n)} for n, o in self.results.items()}
+                     "duration": self.durations.get(n), **self.work.get(n, {})} for n, o in self.results.items()}
         totals = {f"{card} {name}": n for (card, name), n in self.totals.items()}
         return {"tests": tests, "totals": totals, "broken": self.broken}
 

@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,7 @@ _totals_key = pytest.StashKey[dict]()     # (card, kata) -> tests collected, bef
 _broken_key = pytest.StashKey[dict]()     # card -> why its module does not import
 _hung_key = pytest.StashKey[dict]()       # (card, kata) -> the test that hung
 _durations_key = pytest.StashKey[dict]()  # nodeid -> seconds of setup, call and teardown
+_work_key = pytest.StashKey[dict]()  # nodeid -> {"cpu": this process's CPU seconds, "processes": started}
 _messages_key = pytest.StashKey[dict]()   # nodeid -> the learner message of a failed test
 _config: pytest.Config | None = None
 
@@ -67,7 +69,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if unknown:
         raise pytest.UsageError(f"--kata: no kata named {', '.join(unknown)}; `kvkata list` shows them all")
     config.addinivalue_line("markers", "kata(name): the stub this test checks (a name in kvkata/cards.toml)")
-    for key in (_results_key, _katas_key, _totals_key, _broken_key, _hung_key, _durations_key, _messages_key):
+    for key in (_results_key, _katas_key, _totals_key, _broken_key, _hung_key, _durations_key, _messages_key, _work_key):
         config.stash[key] = {}
 
 
@@ -315,10 +317,46 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         _config.stash[_messages_key].setdefault(report.nodeid, str(report.longrepr))
 
 
+# --- the work a test does, for the maintainers' stub-first check ---------------------------------
+# With KVKATA_COUNT_WORK=1 (the maintainers' shared learner run), each test's CPU time in this process and
+# the processes it starts are recorded. CPU time, not wall time: a loaded machine does not change it much.
+
+_started = [0]
+
+
+def _count_starts() -> None:
+    import multiprocessing.process
+    import subprocess
+
+    def counted(real):
+        def start(self, *args, **kwargs):
+            _started[0] += 1
+            return real(self, *args, **kwargs)
+        return start
+
+    multiprocessing.process.BaseProcess.start = counted(multiprocessing.process.BaseProcess.start)
+    subprocess.Popen.__init__ = counted(subprocess.Popen.__init__)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem):
+    if os.environ.get("KVKATA_COUNT_WORK") != "1":
+        return (yield)
+    if not getattr(_count_starts, "done", False):
+        _count_starts()
+        _count_starts.done = True
+    cpu, started = time.process_time(), _started[0]
+    try:
+        return (yield)
+    finally:
+        item.config.stash[_work_key][item.nodeid] = {"cpu": time.process_time() - cpu,
+                                                     "processes": _started[0] - started}
+
+
 def _state(config: pytest.Config) -> board.RunState:
     return board.RunState(results=dict(config.stash[_results_key]), katas=dict(config.stash[_katas_key]),
                           totals=dict(config.stash[_totals_key]), broken=dict(config.stash[_broken_key]),
-                          durations=dict(config.stash[_durations_key]))
+                          durations=dict(config.stash[_durations_key]), work=dict(config.stash[_work_key]))
 
 
 _unsaved_key = pytest.StashKey[str]()  # why .kvkata/progress.json could not be written
