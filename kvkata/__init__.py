@@ -21,7 +21,9 @@ import traceback
 from pathlib import Path
 from types import ModuleType
 
-ROOT = Path(__file__).resolve().parent.parent
+from kvkata import manifest
+from kvkata.paths import ROOT
+
 MODES = ("learner", "solutions", "interviewer")
 _mode: str | None = None
 
@@ -78,7 +80,7 @@ class KataModule:
 
     def __getattr__(self, attr: str):
         value = getattr(self._module(), attr)
-        from kvkata import formula, manifest
+        from kvkata import formula  # it imports torch: not before a kata is used
 
         kata = manifest.kata_named(self._name.split(".")[0], attr)
         if kata is not None and kata.formula and callable(value):

@@ -18,6 +18,19 @@ class Mismatch(AssertionError):
     """A kata returned the wrong thing. The message says what and where."""
 
 
+class Shown:
+    """An argument shown in a call line by the text it is given: `call_str("f", Shown("llama-2-7b"))` reads
+    `f(llama-2-7b)`, where describe would say less (a type's name) or more. No __dict__ (__slots__): describe
+    shows an object that has one by its type's name, and this one by its repr, the text."""
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
 def describe(x: object) -> str:
     """A short description of an argument or a result: tensors by dtype and shape, kvref's configs by their
     shape fields (describe_config), its devices by name."""

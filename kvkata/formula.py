@@ -30,7 +30,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kvkata import ROOT
+from kvkata import manifest
+from kvkata.paths import ROOT
 
 KVREF = ROOT / "kvref"
 SPEC_MODULES = {KVREF / "config.py", KVREF / "hardware.py", KVREF / "validate.py"}
@@ -177,8 +178,6 @@ def guarded(kata, fn):
 
 def rule_markdown() -> str:
     """The rule and the formula katas of each card, from cards.toml (for the README)."""
-    from kvkata import manifest
-
     lines = ["A formula kata (`formula = true` in kvkata/cards.toml) asks for a closed form, derived from its "
              "arguments. " + RULE, ""]
     for card in manifest.cards():

@@ -17,17 +17,15 @@ frame of the candidate's code in the message ("your code:"), else a kata the tes
 from __future__ import annotations
 
 import ast
-import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvkata import ROOT, manifest
+from kvkata import manifest, runner
+from kvkata.paths import ROOT
 
 MINUTES = 45
 RUBRIC = ("strong", "adequate", "weak")
@@ -270,22 +268,19 @@ def card_test_hint(message: str) -> str:
     return found.group(1) if found else "the test"
 
 
-def run_card(card: manifest.Card, root: Path = ROOT) -> tuple[dict | None, subprocess.CompletedProcess]:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "results.json"
-        cmd = [sys.executable, "-m", "pytest", "-q", "--tb=no", "--no-header", "--learner", f"--kvkata-json={out}",
-               "-k", card.id]
-        proc = subprocess.run(cmd, cwd=root, env=dict(os.environ, KVKATA_MODE="learner"), capture_output=True, text=True)
-        data = json.loads(out.read_text()) if out.exists() else None
-    return data, proc
+def run_card(card: manifest.Card, root: Path = ROOT) -> runner.Result:
+    """The card's tests in learner mode, on the code in katas/."""
+    return runner.run(["-q", "--tb=no", "--no-header", "--learner", "-k", card.id], cwd=root,
+                      env=dict(os.environ, KVKATA_MODE="learner"))
 
 
 def live(card: manifest.Card, root: Path = ROOT) -> int:
     """Run the card's tests on katas/ (the candidate's code) and say what to probe next."""
     print(f"kvkata: running {card.id}'s tests on the code in katas/{card.dir}/ ...", flush=True)
-    data, proc = run_card(card, root)
+    result = run_card(card, root)
+    data = result.data
     if data is None or not data["tests"]:
-        print(proc.stdout[-4000:], proc.stderr[-4000:], sep="\n", file=sys.stderr)
+        print(result.output[-8000:], file=sys.stderr)
         print("kvkata: the test run did not finish; see pytest's output above.", file=sys.stderr)
         return 2
     notes = card.notes()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from kvkata import ROOT
+from kvkata.paths import ROOT
 
 
 @dataclass(frozen=True)

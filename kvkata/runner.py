@@ -56,7 +56,8 @@ def run(args: list[str], *, cwd: Path = ROOT, env: dict | None = None, timeout: 
 
 def preload(extra: tuple[str, ...] = ()) -> None:
     """Import what every run needs, once, before the first fork: torch, hypothesis, pytest and its
-    plugins (found through their entry points, as pytest would), kvkata's plugin, and `extra`."""
+    plugins (found through their entry points, as pytest would), and `extra`. kvkata's own plugin is
+    left to the caller (watch imports it): the runner does not depend on the plugin it runs."""
     import torch
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton, as the root conftest does
@@ -68,7 +69,6 @@ def preload(extra: tuple[str, ...] = ()) -> None:
             ep.load()
         except Exception:  # noqa: BLE001 - pytest itself will report a plugin that does not load
             pass
-    import kvkata.plugin  # noqa: F401
     for name in extra:
         try:
             __import__(name)

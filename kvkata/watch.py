@@ -23,6 +23,7 @@ import traceback
 from pathlib import Path
 
 from kvkata import ROOT, board, manifest, progress, runner
+from kvkata.plugin import BROKEN_KEY, KATA_KEY, TODO_KEY  # imported before runner.preload's first fork
 
 CLEAR = "\x1b[2J\x1b[H"
 
@@ -51,8 +52,6 @@ class Stream:
             self._write(f"collecting {report.nodeid or 'the tests'} failed:\n{_clip_lines(str(report.longrepr))}")
 
     def pytest_runtest_logreport(self, report) -> None:
-        from kvkata.plugin import BROKEN_KEY, KATA_KEY, TODO_KEY
-
         if report.when == "call" and report.passed:
             self._write(f"  ok    {_test_name(report.nodeid)}")
         if not report.failed:

@@ -16,7 +16,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import kvkata
-from kvkata.check import call_str, expect, expect_equal, expect_real, plural
+from kvkata.check import Shown, call_str, expect, expect_equal, expect_real, plural
 from kvref.config import ModelConfig, preset
 from kvref.measure import (flops_of, forward_flops_measured, generation_flops_measured, kv_rows_of_generation,
                            kv_rows_per_forward, step_flops_measured)
@@ -35,16 +35,10 @@ GQA = ModelConfig(vocab_size=64, n_layers=2, d_model=16, n_heads=4, n_kv_heads=2
 TINY = ModelConfig(vocab_size=8, n_layers=1, d_model=4, n_heads=1, head_dim=2, d_ff=4, max_seq_len=2048)
 
 
-class Shown:
+def shown(cfg) -> Shown:
     """A config shown by its fields in failure messages (call_str would only name its type)."""
-    __slots__ = ("text",)
-
-    def __init__(self, cfg) -> None:
-        self.text = (f"ModelConfig(L={cfg.n_layers}, H={cfg.n_heads}, Hkv={cfg.n_kv_heads}, D={cfg.head_dim}, "
-                     f"d_model={cfg.d_model}, d_ff={cfg.d_ff}, V={cfg.vocab_size})")
-
-    def __repr__(self) -> str:
-        return self.text
+    return Shown(f"ModelConfig(L={cfg.n_layers}, H={cfg.n_heads}, Hkv={cfg.n_kv_heads}, D={cfg.head_dim}, "
+                 f"d_model={cfg.d_model}, d_ff={cfg.d_ff}, V={cfg.vocab_size})")
 
 
 def prompt_ids(cfg, batch, length, seed=0):
@@ -126,7 +120,7 @@ def test_token_passes_for_a_1000_token_prompt_and_a_100_token_answer():
 def test_kv_projection_rows_count_k_and_v_in_every_layer_and_sequence(cfg, batch, p, n, use_cache):
     got = impl.kv_projection_rows(cfg, batch, p, n, use_cache)
     counted = kv_rows_of_generation(build_model(cfg), prompt_ids(cfg, batch, p), n, use_cache)
-    expect_equal(call_str("kv_projection_rows", Shown(cfg), batch, p, n, use_cache), got, counted.total,
+    expect_equal(call_str("kv_projection_rows", shown(cfg), batch, p, n, use_cache), got, counted.total,
                  f"{counted.k_rows} K rows + {counted.v_rows} V rows counted by hooks over "
                  f"{plural(cfg.n_layers, 'layer')} and {plural(batch, 'sequence')}")
 
@@ -184,7 +178,7 @@ def test_forward_flops_match_flop_counter_mode_on_a_real_forward_pass(cfg, batch
         if n_cached:
             model(ids[:, :n_cached], torch.arange(n_cached), caches)
         measured = forward_flops_measured(model, ids[:, n_cached:], torch.arange(n_cached, n_cached + n_new), caches)
-    expect_equal(call_str("forward_flops", Shown(cfg), batch, n_new, n_cached), got, measured.total, split(measured))
+    expect_equal(call_str("forward_flops", shown(cfg), batch, n_new, n_cached), got, measured.total, split(measured))
 
 
 @pytest.mark.kata("forward_flops")
@@ -207,7 +201,7 @@ def test_forward_flops_of_one_llama_2_70b_token_after_4095_cached():
 def test_generation_flops_match_flop_counter_mode_over_a_whole_generation(cfg, batch, p, n, use_cache):
     got = impl.generation_flops(cfg, batch, p, n, use_cache)
     measured = generation_flops_measured(build_model(cfg), prompt_ids(cfg, batch, p), n, use_cache)
-    expect_equal(call_str("generation_flops", Shown(cfg), batch, p, n, use_cache), got, measured.total,
+    expect_equal(call_str("generation_flops", shown(cfg), batch, p, n, use_cache), got, measured.total,
                  f"{split(measured)}, over generate()'s {n} forward passes")
 
 

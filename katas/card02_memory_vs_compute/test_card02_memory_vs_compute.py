@@ -17,7 +17,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import kvkata
-from kvkata.check import PARAMETER_FIELDS, call_str, describe, describe_config, expect, expect_equal, expect_real, plural
+from kvkata.check import (PARAMETER_FIELDS, Shown, call_str, describe, describe_config, expect, expect_equal,
+                          expect_real, plural)
 from kvref.config import PRESETS, ModelConfig, preset
 from kvref.hardware import H100_SXM, H200, HARDWARE, Hardware
 from kvref.measure import (cache_nbytes, kv_bytes_per_token_measured, kv_cache_bytes_measured, kv_recompute_flops_measured,
@@ -58,17 +59,6 @@ DEVICES = st.one_of(hardware_presets, st.just(STARVED))
 RECOMPUTE_WINS = ModelConfig(vocab_size=8, n_layers=1, d_model=8, n_heads=4, n_kv_heads=4, head_dim=64, d_ff=8,
                              max_seq_len=4096)
 FLOAT_DTYPES = st.sampled_from([torch.bfloat16, torch.float32, torch.float16, torch.float8_e4m3fn, torch.float64])
-
-
-class Shown:
-    """An argument shown by name in failure messages (a preset, a device, a config)."""
-    __slots__ = ("text",)
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-    def __repr__(self) -> str:
-        return self.text
 
 
 def shown(x) -> Shown:

@@ -17,7 +17,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import kvkata
-from kvkata.check import Mismatch, call_str, expect, expect_equal, expect_real, plural
+from kvkata.check import Mismatch, Shown, call_str, expect, expect_equal, expect_real, plural
 from kvref.config import PRESETS, preset
 from kvref.paging import BlockAllocator, OutOfBlocks, block_nbytes_measured, paged_waste_measured, static_waste_measured
 
@@ -28,17 +28,6 @@ BLOCK_SIZES = st.sampled_from([1, 2, 3, 8, 16, 32])
 # A trace in the spirit of PagedAttention's: lengths log-uniform from 16 to 2,048 tokens
 # (deterministic quantiles), reserved at 2,048 each. Its mean length is about 2,032 / ln(128) = 419.
 TRACE = [round(16 * 128 ** ((i + 0.5) / 200)) for i in range(200)]
-
-
-class Shown:
-    """An argument shown by name in failure messages."""
-    __slots__ = ("text",)
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-    def __repr__(self) -> str:
-        return self.text
 
 
 def lengths_up_to(max_len: int, max_size: int = 12):

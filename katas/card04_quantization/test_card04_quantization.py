@@ -16,7 +16,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import kvkata
-from kvkata.check import call_str, describe, expect, expect_close, expect_equal, expect_real, expect_tensor, plural
+from kvkata.check import (Shown, call_str, describe, expect, expect_close, expect_equal, expect_real, expect_tensor,
+                          plural)
 from kvref.config import PRESETS, ModelConfig, preset
 from kvref.kv_quant import (QuantScheme, dequantize, fake_quantize, outlier_channel_keys, outlier_token_keys,
                             pack_bits, quantize, quantized_cache_nbytes, score_rms_error, unpack_bits)
@@ -34,16 +35,6 @@ WIDE_MHA_1T = ModelConfig(vocab_size=50257, n_layers=128, d_model=25600, n_heads
                           mlp="gelu", d_ff=4 * 25600, tie_embeddings=True, max_seq_len=8192)
 GQA_1T = ModelConfig(vocab_size=128256, n_layers=72, d_model=36864, n_heads=288, n_kv_heads=8, head_dim=128,
                      d_ff=98304, max_seq_len=8192)
-
-
-class Shown:
-    __slots__ = ("text",)
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-    def __repr__(self) -> str:
-        return self.text
 
 
 def shown(cfg: ModelConfig) -> Shown:

@@ -17,7 +17,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import kvkata
-from kvkata.check import PARAMETER_FIELDS, call_str, describe, describe_config, expect, expect_equal, expect_real, plural
+from kvkata.check import (PARAMETER_FIELDS, Shown, call_str, describe, describe_config, expect, expect_equal,
+                          expect_real, plural)
 from kvref.config import PRESETS, ModelConfig, preset
 from kvref.hardware import A100_40GB, H100_SXM, H200, HARDWARE
 from kvref.measure import cache_nbytes, kv_cache_bytes_measured
@@ -35,17 +36,6 @@ GIB = 2**30
 # An example that runs kvref's model costs tens of milliseconds: a deep run caps these tests at 80
 # examples, so that each stays far under the kata timeout.
 MEASURED = settings(max_examples=min(settings().max_examples, 80))
-
-
-class Shown:
-    """An argument shown by name in failure messages (a preset, a device, a config)."""
-    __slots__ = ("text",)
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-    def __repr__(self) -> str:
-        return self.text
 
 
 def shown(x) -> Shown:

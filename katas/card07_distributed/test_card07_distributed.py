@@ -20,7 +20,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import kvkata
-from kvkata.check import call_str, describe, describe_config, expect_close, expect_equal, expect_real, plural
+from kvkata.check import Shown, call_str, describe, describe_config, expect_close, expect_equal, expect_real, plural
 from kvref.config import PRESETS, ModelConfig, preset
 from kvref.measure import kv_cache_bytes_measured
 from kvref.parallel import (check_reshard_plan, choose_start_method, heads_in_cache, launch, pp_hidden_nbytes_meta,
@@ -77,17 +77,6 @@ def pp_run() -> list:
 
 def name_of(cfg: ModelConfig) -> str:
     return describe_config(cfg, "d_model")  # the pipeline sends d_model-wide hidden states
-
-
-class Shown:
-    """An argument shown by name in failure messages."""
-    __slots__ = ("text",)
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-    def __repr__(self) -> str:
-        return self.text
 
 
 def layout(cfg: ModelConfig) -> str:

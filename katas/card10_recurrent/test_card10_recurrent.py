@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch.overrides import TorchFunctionMode
 
 import kvkata
-from kvkata.check import call_str, expect, expect_close, expect_equal, expect_tensor, plural
+from kvkata.check import Shown, call_str, expect, expect_close, expect_equal, expect_tensor, plural
 from kvref.config import PRESETS, ModelConfig, preset
 from kvref.measure import kv_cache_bytes_measured
 from kvref.recurrent import linear_attention_parallel, model_states, recall_curve, ssm_recurrence, states_nbytes
@@ -26,17 +26,6 @@ impl = kvkata.load("card10_recurrent.recurrent")
 
 DIMS = st.integers(1, 6)
 SMALL = ModelConfig(vocab_size=16, n_layers=2, d_model=16, n_heads=4, n_kv_heads=2, head_dim=6, d_ff=16)
-
-
-class Shown:
-    """An argument shown by name in failure messages."""
-    __slots__ = ("text",)
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-    def __repr__(self) -> str:
-        return self.text
 
 
 def qkv(B, H, T, D, Dv, seed=0, scale=1.0):

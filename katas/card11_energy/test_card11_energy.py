@@ -20,7 +20,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import kvkata
-from kvkata.check import PARAMETER_FIELDS, call_str, describe, describe_config, expect, expect_equal, expect_real
+from kvkata.check import PARAMETER_FIELDS, Shown, call_str, describe, describe_config, expect, expect_equal, expect_real
 from kvref.config import PRESETS, ModelConfig, preset
 from kvref.hardware import H100_SXM, H200, PUBLISHED_ENERGY, SOURCE_CARD_ENERGY, EnergyCosts, Hardware
 from kvref.measure import kv_cache_bytes_measured, meta_model, step_flops_measured, weight_bytes_read
@@ -44,17 +44,6 @@ DTYPES = st.sampled_from([torch.bfloat16, torch.float32, torch.float16])
 STARVED = Hardware("compute-starved", {torch.bfloat16: 1e9, torch.float16: 1e9, torch.float32: 0.25e9}, 1e12, 10**9,
                    "fictional, for tests")
 DEVICES = st.one_of(hardware_presets, st.just(STARVED))
-
-
-class Shown:
-    """An argument shown by name in failure messages."""
-    __slots__ = ("text",)
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-    def __repr__(self) -> str:
-        return self.text
 
 
 def shown(x) -> Shown:

@@ -13,7 +13,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import kvkata
-from kvkata.check import call_str, expect, expect_equal, expect_real, plural
+from kvkata.check import Shown, call_str, expect, expect_equal, expect_real, plural
 from kvref.config import PRESETS, preset
 from kvref.measure import kv_cache_bytes_measured
 from kvref.offload import compute_stall_seconds, simulate_offload, step_seconds
@@ -24,17 +24,6 @@ impl = kvkata.load("card13_prefix_sharing.sharing")
 REAL = [name for name, cfg in PRESETS.items() if not cfg.is_mla]
 BLOCK_SIZES = st.sampled_from([1, 2, 3, 4, 16])
 SMALL_VOCAB = st.lists(st.integers(0, 2), min_size=0, max_size=16)  # prefixes and repeated blocks are common
-
-
-class Shown:
-    """An argument shown by name in failure messages."""
-    __slots__ = ("text",)
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-    def __repr__(self) -> str:
-        return self.text
 
 
 # --- prefix keys ---------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import kvkata
-from kvkata.check import PARAMETER_FIELDS, call_str, describe_config, expect, expect_close, expect_equal, expect_real, plural
+from kvkata.check import (PARAMETER_FIELDS, Shown, call_str, describe_config, expect, expect_close, expect_equal,
+                          expect_real, plural)
 from kvref.attention import causal_mask
 from kvref.compress import (build_mla_model, low_rank_error, mla_cache_bytes_measured, mla_output_naive,
                             mla_scores_absorbed, mla_scores_naive, selective_recompute_flops_measured, synthetic_keys)
@@ -38,17 +39,6 @@ selective_recompute_flops_measured(ModelConfig(vocab_size=8, n_layers=1, d_model
 MLA = ModelConfig(vocab_size=64, n_layers=3, d_model=32, n_heads=4, head_dim=8, d_ff=32, max_seq_len=64,
                   mla_latent_dim=12, mla_rope_dim=4)
 GQA = ModelConfig(vocab_size=64, n_layers=4, d_model=16, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=32)
-
-
-class Shown:
-    """An argument shown by its text in failure messages (a preset, a list of singular values)."""
-    __slots__ = ("text",)
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-    def __repr__(self) -> str:
-        return self.text
 
 
 def shown(cfg: ModelConfig) -> Shown:
