@@ -54,9 +54,9 @@ def test_the_pristine_copy_is_the_stubs_in_katas():
     with zipfile.ZipFile(backup.PRISTINE) as z:
         packed = {name: z.read(name) for name in z.namelist()}
     want = {p.as_posix(): (ROOT / p).read_bytes() for p in backup.stub_paths()}
-    assert packed.keys() == want.keys(), "a stub was added or removed: run `kvkata snapshot` and commit kvkata/pristine.zip"
+    assert packed.keys() == want.keys(), "a stub was added or removed: run `kvkata dev snapshot` and commit kvkata/pristine.zip"
     stale = [name for name in want if packed[name] != want[name]]
-    assert not stale, f"{stale} changed since the snapshot: run `kvkata snapshot` and commit kvkata/pristine.zip"
+    assert not stale, f"{stale} changed since the snapshot: run `kvkata dev snapshot` and commit kvkata/pristine.zip"
 
 
 @pytest.mark.slow
