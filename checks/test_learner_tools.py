@@ -103,7 +103,9 @@ def test_no_command_writes_a_learners_file_without_a_backup(project_copy, tmp_pa
     commands = [["list"], ["hint", "card01"], ["interview", "card01"], ["board", "-k", "token_passes"],
                 ["cards", "--anki", str(tmp_path / "deck.apkg")], ["plot", "--out", str(tmp_path / "plots")],
                 ["explore"], ["explore"],
-                ["interview", "--live", "card01"], ["reset", "card01", "forward_flops"], ["reset", "card00"]]
+                ["interview", "--live", "card01"], ["reset", "card01", "forward_flops"], ["reset", "card00"],
+                ["hint"], ["solution", "--anyway"], ["run", "token_passes"], ["reset"], ["reset", "token_passes"],
+                ["restore", "--latest"], ["reset", "card01", "forward_flops", "--whole-file"], ["solutions-branch"]]
     for cmd in commands:
         before = learner_files(project_copy)
         n_backups = len(backup.list_backups(project_copy))
