@@ -186,12 +186,12 @@ def test_solutions_branch_holds_the_worked_solutions_and_leaves_the_checkout_alo
         assert git(project_copy, "show", f"solutions:{stub}") == (project_copy / solution).read_text()
     stat = git(project_copy, "diff", "--stat", "solutions", "--", "katas")
     assert all(p.as_posix() in stat for p in backup.stub_paths(project_copy)), stat
-    tip = git(project_copy, "rev-parse", "solutions")
+    tip = git(project_copy, "rev-parse", "refs/heads/solutions")
     again = kvkata(project_copy, "solutions-branch")
-    assert "already up to date" in again.stdout and git(project_copy, "rev-parse", "solutions") == tip
+    assert "already up to date" in again.stdout and git(project_copy, "rev-parse", "refs/heads/solutions") == tip
     git(project_copy, "commit", "-qam", "more work")
     kvkata(project_copy, "solutions-branch")
-    parents = git(project_copy, "rev-list", "--parents", "-n", "1", "solutions").split()[1:]
+    parents = git(project_copy, "rev-list", "--parents", "-n", "1", "refs/heads/solutions", "--").split()[1:]
     assert parents == [git(project_copy, "rev-parse", "HEAD").strip(), tip.strip()]  # refreshed, history kept
     # the interviewer's run on the branch: the worked answers pass
     git(project_copy, "worktree", "add", "-q", str(project_copy.parent / "interviewer"), "solutions")
