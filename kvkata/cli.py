@@ -348,8 +348,8 @@ def cmd_solutions_branch(args) -> int:
     verb = "built" if changed else "already up to date:"
     print(f"kvkata: {verb} branch {sb.BRANCH} ({commit[:12]}): your HEAD ({head[:12]}) with the worked solutions "
           "in katas/. Your branch, index and files are unchanged.")
-    print(f"  run the worked answers:        git switch {sb.BRANCH} && pytest --interviewer -k card07   "
-          "(then git switch -)")
+    print(f"  on it, katas/ hold the worked answers: git switch {sb.BRANCH} && pytest --interviewer -k card07 "
+          "(plain pytest -k card07 grades katas/ itself; git switch - goes back)")
     print(f"  a candidate's against them:    git diff {sb.BRANCH} -- katas/card07_distributed")
     print("  after a new commit, run kvkata solutions-branch again to refresh it.")
     return 0
