@@ -54,9 +54,9 @@ def test_the_pristine_copy_is_the_stubs_in_katas():
     with zipfile.ZipFile(backup.PRISTINE) as z:
         packed = {name: z.read(name) for name in z.namelist()}
     want = {p.as_posix(): (ROOT / p).read_bytes() for p in backup.stub_paths()}
-    assert packed.keys() == want.keys(), "a stub was added or removed: run `kvkata snapshot` and commit kvkata/pristine.zip"
+    assert packed.keys() == want.keys(), "a stub was added or removed: run `kvkata dev snapshot` and commit kvkata/pristine.zip"
     stale = [name for name in want if packed[name] != want[name]]
-    assert not stale, f"{stale} changed since the snapshot: run `kvkata snapshot` and commit kvkata/pristine.zip"
+    assert not stale, f"{stale} changed since the snapshot: run `kvkata dev snapshot` and commit kvkata/pristine.zip"
 
 
 @pytest.mark.slow
@@ -103,7 +103,9 @@ def test_no_command_writes_a_learners_file_without_a_backup(project_copy, tmp_pa
     commands = [["list"], ["hint", "card01"], ["interview", "card01"], ["board", "-k", "token_passes"],
                 ["cards", "--anki", str(tmp_path / "deck.apkg")], ["plot", "--out", str(tmp_path / "plots")],
                 ["explore"], ["explore"],
-                ["interview", "--live", "card01"], ["reset", "card01", "forward_flops"], ["reset", "card00"]]
+                ["interview", "--live", "card01"], ["reset", "card01", "forward_flops"], ["reset", "card00"],
+                ["hint"], ["solution", "--anyway"], ["run", "token_passes"], ["reset"], ["reset", "token_passes"],
+                ["restore", "--latest"], ["reset", "card01", "forward_flops", "--whole-file"], ["solutions-branch"]]
     for cmd in commands:
         before = learner_files(project_copy)
         n_backups = len(backup.list_backups(project_copy))
