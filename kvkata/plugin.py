@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import kvkata
-from kvkata import board, manifest
+from kvkata import board, manifest, selection
 from kvkata.check import Mismatch
 from kvkata.formula import FormulaOnly
 
@@ -34,6 +34,7 @@ _katas_key = pytest.StashKey[dict]()      # nodeid -> Kata, the selected tests
 _totals_key = pytest.StashKey[dict]()     # (card, kata) -> tests collected, before -k / --kata
 _broken_key = pytest.StashKey[dict]()     # card -> why its module does not import
 _hung_key = pytest.StashKey[dict]()       # (card, kata) -> the test that hung
+_pruner_key = pytest.StashKey[selection.Pruner]()  # which kata test modules -k / --kata cannot select
 _config: pytest.Config | None = None
 
 
@@ -77,6 +78,13 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 # --- collection: kata names as keywords, and what a whole kata is -------------------------
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """A kata test module that -k or --kata cannot select from is never imported (kvkata.selection)."""
+    if _pruner_key not in config.stash:
+        config.stash[_pruner_key] = selection.Pruner(config)
+    return True if config.stash[_pruner_key].skips(collection_path) else None
+
 
 def _kata_of(item: pytest.Item) -> manifest.Kata | None:
     marker = item.get_closest_marker("kata")
