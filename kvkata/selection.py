@@ -31,6 +31,7 @@ import fnmatch
 import inspect
 import os
 from collections.abc import Callable
+import functools
 from functools import cache
 from pathlib import Path
 
@@ -51,9 +52,6 @@ class _Unknown(Exception):
     def __init__(self, ident: str) -> None:
         super().__init__(ident)
         self.ident = ident
-
-
-_ANY = frozenset({"<any name>"})  # a module whose tests' names the pruner cannot read
 
 
 class _Undecidable(Exception):
@@ -131,69 +129,84 @@ def _parametrize_ids(call: ast.expr, config: pytest.Config | None, func: str) ->
     return made if all(isinstance(i, str) for i in made) else None
 
 
-def _names_in_source(source: str, config: pytest.Config | None, function_prefixes: tuple[str, ...],
-                     class_prefixes: tuple[str, ...]) -> frozenset[str] | None:
+class _Opaque(Exception):
+    """The module does something that may name its tests in a way the pruner does not read."""
+
+
+def _marker(node: ast.expr) -> set[str]:
+    """The -k names one marker expression gives a test: its name, and for kata(NAME) the kata's name."""
+    name = _mark_name(node)
+    if name is None:
+        raise _Opaque
+    if name == "kata":  # the plugin adds the kata's name as a keyword
+        if not (isinstance(node, ast.Call) and len(node.args) == 1 and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)):
+            raise _Opaque
+        return {name, node.args[0].value}
+    return {name}
+
+
+def _names_in_source(source: str, config: pytest.Config | None) -> frozenset[str] | None:
     """The names a test of this module may have beyond its path and the generic ones; None: any name."""
     try:
-        tree = ast.parse(source)
-    except SyntaxError:
+        return frozenset(n.lower() for n in _read_names(ast.parse(source), config))
+    except (SyntaxError, _Opaque):
         return None
+
+
+def _read_names(tree: ast.Module, config: pytest.Config | None) -> set[str]:
     decorators, modules = _hypothesis_names(tree)
-    marks: dict[str, str] = {}  # module constants bound to one marker, e.g. GLOO_TIMEOUT = pytest.mark.timeout(120)
+    constants: dict[str, set[str]] = {}  # module constants bound to a marker: GLOO_TIMEOUT = pytest.mark.timeout(120)
     for node in tree.body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            name = _mark_name(node.value)
-            if name is not None and name != "parametrize":
-                marks[node.targets[0].id] = name
+            if _mark_name(node.value) not in (None, "parametrize"):
+                constants[node.targets[0].id] = _marker(node.value)
             elif isinstance(node.value, ast.Call) and _is_hypothesis_decorator(node.value, decorators, modules):
                 decorators.add(node.targets[0].id)  # MEASURED = settings(max_examples=...)
+    if any(isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name == "pytest_generate_tests"
+           for n in ast.walk(tree)):
+        raise _Opaque
 
     def is_test(name: str) -> bool:
-        return name.startswith(function_prefixes)
+        return name.startswith("test")  # pytest's python_functions; the Pruner checks it is the default
 
     names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == "pytest_generate_tests":
-            return None
     for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name.startswith(class_prefixes):
-            return None  # a test class: its name and methods, not modelled
+        if isinstance(node, ast.ClassDef) and node.name.startswith("Test"):
+            raise _Opaque  # a test class: its name and its methods, not read
         if isinstance(node, ast.Import | ast.ImportFrom) and any(is_test((a.asname or a.name).split(".")[0])
                                                                   for a in node.names):
-            return None  # an imported test function, decorated elsewhere
+            raise _Opaque  # an imported test function, decorated elsewhere
         if isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            for target in targets:
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
                 for sub in ast.walk(target):
-                    if isinstance(sub, ast.Name) and (is_test(sub.id) or sub.id == "pytestmark"):
-                        if sub.id != "pytestmark" or not isinstance(node, ast.Assign):
-                            return None  # a test bound by assignment
-                        found = [_mark_name(e) for e in ast.walk(node.value) if _mark_name(e)]
-                        if not found:
-                            return None
-                        names.update(found)
-                    if isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and is_test(sub.value.id):
+                    if isinstance(sub, ast.Name) and sub.id == "pytestmark" and isinstance(node, ast.Assign):
+                        value = node.value
+                        for mark in value.elts if isinstance(value, ast.List | ast.Tuple) else [value]:
+                            if _mark_name(mark) == "parametrize":
+                                raise _Opaque
+                            names |= _marker(mark)
+                    elif isinstance(sub, ast.Name) and (is_test(sub.id) or sub.id == "pytestmark"):
+                        raise _Opaque  # a test bound by assignment
+                    elif isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and is_test(sub.value.id):
                         names.add(sub.attr)  # test_x.attr = ...: a function attribute -k matches
         if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) or not is_test(node.name):
             continue
         id_lists = []
         for dec in node.decorator_list:
-            mark = _mark_name(dec)
-            if mark == "parametrize":
+            if _mark_name(dec) == "parametrize":
                 ids = _parametrize_ids(dec, config, node.name)
                 if ids is None:
-                    return None
+                    raise _Opaque
                 id_lists.append(ids)
-            if mark is not None:
-                names.add(mark)
-            elif isinstance(dec, ast.Name) and dec.id in marks:
-                names.add(marks[dec.id])
+                names.add("parametrize")
+            elif isinstance(dec, ast.Name) and dec.id in constants:
+                names |= constants[dec.id]
             elif not _is_hypothesis_decorator(dec, decorators, modules):
-                return None  # a decorator that may name the test otherwise
+                names |= _marker(dec)  # a marker, or _Opaque: a decorator that may name the test otherwise
         names.add(node.name)
-        for ids in _combined(id_lists):
-            names.add(f"{node.name}[{ids}]")
-    return frozenset(n.lower() for n in names)
+        names.update(f"{node.name}[{ids}]" for ids in _combined(id_lists))
+    return names
 
 
 def _combined(id_lists: list[list[str]]) -> set[str]:
@@ -228,6 +241,18 @@ def _hypothesis_attributes() -> frozenset[str]:
         def matchable(name: str) -> bool:
             return True
     return frozenset(n.lower() for n in probe.__dict__ if matchable(n))
+
+
+_read: dict[tuple[Path, int, int], frozenset[str] | None] = {}
+
+
+def _module_names(path: Path, config: pytest.Config) -> frozenset[str] | None:
+    """`_names_in_source` of the module at `path`, read once per version of the file."""
+    stat = path.stat()
+    key = (path, stat.st_mtime_ns, stat.st_size)
+    if key not in _read:
+        _read[key] = _names_in_source(path.read_text(), config)
+    return _read[key]
 
 
 # --- the decision --------------------------------------------------------------------------
@@ -275,8 +300,9 @@ class Pruner:
             list(config.getini("python_functions")) == ["test"] and list(config.getini("python_classes")) == ["Test"]
         self.files = list(config.getini("python_files"))
 
-    @property
+    @functools.cached_property
     def generic(self) -> frozenset[str]:
+        """Names any test may have: every registered marker, hypothesis's marker and function attributes."""
         markers = {line.split(":")[0].split("(")[0].strip().lower() for line in self.config.getini("markers")}
         return frozenset(markers | {"hypothesis"}) | _hypothesis_attributes()
 
@@ -299,25 +325,18 @@ class Pruner:
         return not may_be_true(self.expression, self._values(path, parts, card))
 
     def _values(self, path: Path, parts: tuple[str, ...], card: manifest.Card) -> Callable[[str], bool | None]:
-        certain = [p.lower() for p in parts]           # every test's directories and file
-        katas = [k.name.lower() for k in card.katas]   # extra keywords the plugin may add
-        generic = None
+        certain = [p.lower() for p in parts]  # every test's directories and file
         source = None
 
         def value(ident: str) -> bool | None:
-            nonlocal generic, source
+            nonlocal source
             if any(ident in n for n in certain):
                 return True
-            if any(ident in n for n in katas):
-                return None
-            if generic is None:
-                generic = self.generic
-            if any(ident in n for n in generic):
+            if any(ident in n for n in self.generic):
                 return None
             if source is None:
-                names = _names_in_source(path.read_text(), self.config, ("test",), ("Test",))
-                source = _ANY if names is None else names
-            if source is _ANY:
+                source = _module_names(path, self.config)
+            if source is None:
                 return None
             return None if any(ident in n for n in source) else False
 
