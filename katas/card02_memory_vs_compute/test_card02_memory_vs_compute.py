@@ -28,10 +28,6 @@ from kvref.strategies import (DENSE_PRESET_NAMES, GQA_PRESET_NAMES, compute_dtyp
 
 impl = kvkata.load("card02_memory_vs_compute.costs")
 
-# The first operation on the meta device costs torch about 2 s of one-time set-up: pay it here,
-# at import, rather than in whichever test measures first.
-step_flops_measured(ModelConfig(vocab_size=8, n_layers=1, d_model=8, n_heads=2, d_ff=8), 1, 1, 1)
-
 
 @st.composite
 def varied_configs(draw) -> ModelConfig:

@@ -29,10 +29,6 @@ from kvref.strategies import DENSE_PRESET_NAMES, gqa_model_configs, hardware_pre
 
 impl = kvkata.load("card11_energy.energy")
 
-# The first FlopCounterMode run on the meta device costs torch seconds of one-time set-up: pay it
-# here, at import, rather than in whichever test measures first.
-step_flops_measured(ModelConfig(vocab_size=8, n_layers=1, d_model=8, n_heads=2, d_ff=8), 1, 1, 1)
-
 MEASURED = settings(max_examples=min(settings().max_examples, 60))
 GQA = ModelConfig(vocab_size=64, n_layers=2, d_model=16, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=32)
 GELU = GQA.with_(mlp="gelu", tie_embeddings=True)

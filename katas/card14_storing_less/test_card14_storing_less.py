@@ -32,9 +32,6 @@ from kvref.strategies import HEAD_DIMS, gqa_model_configs, kv_dtypes, model_conf
 
 impl = kvkata.load("card14_storing_less.storing")
 
-# The first operation on the meta device costs torch about 2 s of one-time set-up: pay it at import.
-selective_recompute_flops_measured(ModelConfig(vocab_size=8, n_layers=1, d_model=8, n_heads=2, d_ff=8), set(), 1)
-
 MLA = ModelConfig(vocab_size=64, n_layers=3, d_model=32, n_heads=4, head_dim=8, d_ff=32, max_seq_len=64,
                   mla_latent_dim=12, mla_rope_dim=4)
 GQA = ModelConfig(vocab_size=64, n_layers=4, d_model=16, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=32)
