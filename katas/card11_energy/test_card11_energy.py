@@ -208,7 +208,7 @@ def test_compute_energy_per_token_is_the_measured_flops_as_multiply_adds_at_pj_e
 @pytest.mark.kata("compute_energy_per_token")
 def test_compute_energy_per_token_of_llama_2_70b_with_both_constant_sets():
     cfg = preset("llama-2-70b")
-    flops, _ = measured_step(cfg, 1, 4095, torch.bfloat16)
+    flops = step_flops(cfg, 1, 1, 4095)  # a decode step's FLOPs, as measured_step counts them
     for costs, joules in ((PUBLISHED_ENERGY, 0.1111), (SOURCE_CARD_ENERGY, 0.3704)):
         got = impl.compute_energy_per_token(cfg, 1, 4095, torch.bfloat16, costs)
         expect_real(call_str("compute_energy_per_token", shown(cfg), 1, 4095, torch.bfloat16, shown(costs)), got,
@@ -394,6 +394,10 @@ def prefix_dollars(cfg, hw, prefix_len, dtype, price, gb_price, lifetime):
 @example(cfg=GQA, hw=H100_SXM.tensor_parallel(4), prefix_len=16, lifetime=3600.0, gb_price=0.0234, price=2.0)  # 4 devices billed
 def test_keep_prefix_cache_flips_where_reuses_times_measured_recompute_cost_meet_storage_cost(cfg, hw, prefix_len,
                                                                                              lifetime, gb_price, price):
+    # Never reused, a prefix is not worth storing for a second: asked first, before FLOPs are counted.
+    got = impl.keep_prefix_cache(cfg, hw, prefix_len, torch.bfloat16, 0.0, lifetime, price, gb_price)
+    expect_equal(call_str("keep_prefix_cache", shown(cfg), shown(hw), prefix_len, torch.bfloat16, 0.0, lifetime, price,
+                          gb_price), got, False, "False: 0 reuses save no prefill, and storing the K/V costs more than $0")
     recompute, storage = prefix_dollars(cfg, hw, prefix_len, torch.bfloat16, price, gb_price, lifetime)
     threshold = storage / recompute
     for reuses, keep in ((threshold * 1.0001, True), (threshold * 0.9999, False)):  # 0.01% either side
