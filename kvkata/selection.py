@@ -29,6 +29,7 @@ from __future__ import annotations
 import ast
 import fnmatch
 import inspect
+import json
 import os
 from collections.abc import Callable
 import functools
@@ -243,15 +244,53 @@ def _hypothesis_attributes() -> frozenset[str]:
     return frozenset(n.lower() for n in probe.__dict__ if matchable(n))
 
 
+# Parsing the fifteen cards' test modules costs 0.2 to 0.5 s, a third of a `pytest -k cardNN`: what a
+# module's tests may be called is kept, per version of the file (mtime and size), in .kvkata/ (never
+# tracked by git), and in this process.
+CACHE_FILE = Path(".kvkata") / "selection-names.json"
+CACHE_FORMAT = 1
 _read: dict[tuple[Path, int, int], frozenset[str] | None] = {}
+_disk: dict[Path, dict] = {}  # rootpath -> the cache file's entries
 
 
-def _module_names(path: Path, config: pytest.Config) -> frozenset[str] | None:
-    """`_names_in_source` of the module at `path`, read once per version of the file."""
+def _stored(rootpath: Path) -> dict:
+    if rootpath not in _disk:
+        try:
+            data = json.loads((rootpath / CACHE_FILE).read_text())
+            ok = data.get("format") == CACHE_FORMAT and data.get("pytest") == pytest.__version__
+            _disk[rootpath] = data["modules"] if ok else {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            _disk[rootpath] = {}
+    return _disk[rootpath]
+
+
+def _store(rootpath: Path) -> None:
+    file = rootpath / CACHE_FILE
+    data = {"format": CACHE_FORMAT, "pytest": pytest.__version__, "modules": _disk[rootpath]}
+    try:
+        file.parent.mkdir(exist_ok=True)
+        tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=0, sort_keys=True))
+        os.replace(tmp, file)  # whole or not at all, whatever runs beside this one
+    except OSError:
+        pass  # a read-only checkout: parse again next time
+
+
+def _module_names(path: Path, rel: str, config: pytest.Config) -> frozenset[str] | None:
+    """`_names_in_source` of the module at `path` (`rel` to the rootdir), read once per version of the file."""
     stat = path.stat()
     key = (path, stat.st_mtime_ns, stat.st_size)
     if key not in _read:
-        _read[key] = _names_in_source(path.read_text(), config)
+        stored = _stored(config.rootpath)
+        entry = stored.get(rel)
+        if isinstance(entry, dict) and entry.get("stamp") == [stat.st_mtime_ns, stat.st_size]:
+            names = entry.get("names")
+            _read[key] = None if names is None else frozenset(names)
+        else:
+            _read[key] = _names_in_source(path.read_text(), config)
+            names = None if _read[key] is None else sorted(_read[key])
+            stored[rel] = {"stamp": [stat.st_mtime_ns, stat.st_size], "names": names}
+            _store(config.rootpath)
     return _read[key]
 
 
@@ -335,7 +374,7 @@ class Pruner:
             if any(ident in n for n in self.generic):
                 return None
             if source is None:
-                source = _module_names(path, self.config)
+                source = _module_names(path, "/".join(parts), self.config)
             if source is None:
                 return None
             return None if any(ident in n for n in source) else False
