@@ -81,6 +81,20 @@ def collected() -> Collected:
     return Collected(recorder.config, recorder.tests)
 
 
+REAL_STORED, REAL_STORE = selection._stored, selection._store
+
+
+@pytest.fixture(scope="module", autouse=True)
+def read_every_module_afresh():
+    """The pruner keeps what it read in .kvkata/: these checks read the sources themselves, once."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(selection, "_read", {})
+        mp.setattr(selection, "_disk", {})
+        mp.setattr(selection, "_stored", lambda rootpath: {})
+        mp.setattr(selection, "_store", lambda rootpath: None)
+        yield
+
+
 def _modules(collected: Collected) -> set[Path]:
     return {path for path, _, _ in collected.tests.values()}
 
@@ -145,6 +159,23 @@ def test_a_pruned_collection_collects_what_a_full_one_selects(collected):
         assert set(pruned.tests) == want, keyword
     pruned = _collect("--kata", "decode_step", prune=True)
     assert set(pruned.tests) == {n for n, (_, _, name) in collected.tests.items() if name == "decode_step"}
+
+
+def test_the_names_kept_in_kvkata_are_the_names_read_from_the_source(collected, tmp_path, monkeypatch):
+    """A second pruner reads the names from the cache file the first one wrote, and decides the same."""
+    monkeypatch.setattr(selection, "_stored", REAL_STORED)
+    monkeypatch.setattr(selection, "_store", REAL_STORE)
+    monkeypatch.setattr(selection, "_read", {})
+    monkeypatch.setattr(selection, "_disk", {})
+    monkeypatch.setattr(selection, "CACHE_FILE", tmp_path / "names.json")  # absolute: under tmp_path
+    modules = sorted(_modules(collected))
+    first = {p: selection._module_names(p, str(p.relative_to(ROOT)), collected.config) for p in modules}
+    assert (tmp_path / "names.json").exists()
+    monkeypatch.setattr(selection, "_read", {})
+    monkeypatch.setattr(selection, "_disk", {})
+    monkeypatch.setattr(selection, "_names_in_source", lambda source, config: pytest.fail("read the source again"))
+    assert {p: selection._module_names(p, str(p.relative_to(ROOT)), collected.config) for p in modules} == first
+    assert all(names is not None for names in first.values()), "every kata module's names can be read"
 
 
 def test_kvkata_no_prune_turns_pruning_off(collected, monkeypatch):

@@ -253,11 +253,18 @@ _read: dict[tuple[Path, int, int], frozenset[str] | None] = {}
 _disk: dict[Path, dict] = {}  # rootpath -> the cache file's entries
 
 
+def _reader_stamp() -> list[int]:
+    """This file's version: names read by another version of the reader are read again."""
+    stat = Path(__file__).stat()
+    return [stat.st_mtime_ns, stat.st_size]
+
+
 def _stored(rootpath: Path) -> dict:
     if rootpath not in _disk:
         try:
             data = json.loads((rootpath / CACHE_FILE).read_text())
-            ok = data.get("format") == CACHE_FORMAT and data.get("pytest") == pytest.__version__
+            ok = data.get("format") == CACHE_FORMAT and data.get("pytest") == pytest.__version__ \
+                and data.get("reader") == _reader_stamp()
             _disk[rootpath] = data["modules"] if ok else {}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             _disk[rootpath] = {}
@@ -266,7 +273,7 @@ def _stored(rootpath: Path) -> dict:
 
 def _store(rootpath: Path) -> None:
     file = rootpath / CACHE_FILE
-    data = {"format": CACHE_FORMAT, "pytest": pytest.__version__, "modules": _disk[rootpath]}
+    data = {"format": CACHE_FORMAT, "pytest": pytest.__version__, "reader": _reader_stamp(), "modules": _disk[rootpath]}
     try:
         file.parent.mkdir(exist_ok=True)
         tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
