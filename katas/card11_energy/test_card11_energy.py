@@ -12,6 +12,7 @@ and worked numbers with the published constants.
 """
 
 import dataclasses
+import functools
 import math
 
 import pytest
@@ -70,6 +71,7 @@ def small_configs(draw) -> ModelConfig:
                      tie_embeddings=draw(st.booleans(), label="tie_embeddings"))
 
 
+@functools.cache  # the same configs come back across examples and tests: count each step once
 def step_flops(cfg, batch, n_new, n_cached):
     """FlopCounterMode's count on kvref's model for small configs; kvref.roofline's (checked against it) for presets."""
     if cfg.name:
@@ -77,16 +79,22 @@ def step_flops(cfg, batch, n_new, n_cached):
     return step_flops_measured(cfg, batch, n_new, n_cached).total
 
 
+@functools.cache
+def weights_read(cfg, dtype) -> int:
+    """.nbytes of the weight matrices a step reads, on kvref's model built on the meta device (once per config)."""
+    return weight_bytes_read(meta_model(cfg, dtype))
+
+
 def measured_step(cfg, batch, seq_len, dtype):
     """FLOPs and bytes (.nbytes: weight matrices, seq_len + 1 positions of K/V) of a decode step."""
     flops = step_flops(cfg, batch, 1, seq_len)
-    bytes_ = weight_bytes_read(meta_model(cfg, dtype)) + kv_cache_bytes_measured(cfg, batch, seq_len + 1, dtype)
+    bytes_ = weights_read(cfg, dtype) + kv_cache_bytes_measured(cfg, batch, seq_len + 1, dtype)
     return flops, bytes_
 
 
 def measured_bytes(cfg, batch, seq_len, dtype):
     """Bytes a decode step moves: .nbytes of the weight matrices and of seq_len + 1 positions of K/V per sequence."""
-    return weight_bytes_read(meta_model(cfg, dtype)) + kv_cache_bytes_measured(cfg, batch, seq_len + 1, dtype)
+    return weights_read(cfg, dtype) + kv_cache_bytes_measured(cfg, batch, seq_len + 1, dtype)
 
 
 # Real presets whose 4k context stays inside their window and their length (no MoE: a batch reads more experts).
@@ -198,7 +206,7 @@ def ratio_hint(got, want, two: str = MULTIPLY_ADD) -> str:
 @example(cfg=GELU, batch=2, seq_len=9, dtype=torch.float32, costs=SOURCE_CARD_ENERGY)
 def test_compute_energy_per_token_is_the_measured_flops_as_multiply_adds_at_pj_each(cfg, batch, seq_len, dtype, costs):
     got = impl.compute_energy_per_token(cfg, batch, seq_len, dtype, costs)
-    flops, _ = measured_step(cfg, batch, seq_len, dtype)
+    flops = step_flops(cfg, batch, 1, seq_len)  # a decode step's FLOPs, as measured_step counts them
     want = flops / 2 * costs.pj_per_fma * 1e-12 / batch
     expect_real(call_str("compute_energy_per_token", shown(cfg), batch, seq_len, dtype, shown(costs)), got, want,
                 why=f"{want:.6g} J: {flops:,} FLOPs (FlopCounterMode on the step) are {flops // 2:,} multiply-adds "
@@ -378,7 +386,7 @@ def prefix_dollars(cfg, hw, prefix_len, dtype, price, gb_price, lifetime):
     """(recompute $, storage $) from measured FLOPs and bytes of a prefill of the prefix."""
     flops = step_flops(cfg, 1, prefix_len, 0)
     kv = kv_cache_bytes_measured(cfg, 1, prefix_len, dtype)
-    bytes_ = weight_bytes_read(meta_model(cfg, dtype)) + kv
+    bytes_ = weights_read(cfg, dtype) + kv
     recompute = max(flops / hw.peak_flops(dtype), bytes_ / hw.mem_bandwidth) * hw.n_devices * price / 3600
     return recompute, kv / 1e9 * gb_price * lifetime / 3600
 
