@@ -24,10 +24,9 @@ from pathlib import Path
 import pytest
 
 import kvkata
-from kvkata import board, manifest
+from kvkata import board, manifest, progress, selection
 from kvkata.check import Mismatch
 from kvkata.formula import FormulaOnly
-from kvkata import progress
 
 TODO_KEY, BROKEN_KEY, KATA_KEY = "kvkata_todo", "kvkata_broken", "kvkata_kata"
 KVREF = kvkata.ROOT / "kvref"
@@ -39,6 +38,7 @@ _hung_key = pytest.StashKey[dict]()       # (card, kata) -> the test that hung
 _durations_key = pytest.StashKey[dict]()  # nodeid -> seconds of setup, call and teardown
 _work_key = pytest.StashKey[dict]()  # nodeid -> {"cpu": this process's CPU seconds, "processes": started}
 _messages_key = pytest.StashKey[dict]()   # nodeid -> the learner message of a failed test
+_pruner_key = pytest.StashKey[selection.Pruner]()  # which kata test modules -k / --kata cannot select
 _config: pytest.Config | None = None
 
 
@@ -83,12 +83,29 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 # --- collection: kata names as keywords, and what a whole kata is -------------------------
 
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """A kata test module that -k or --kata cannot select from is never imported (kvkata.selection)."""
+    if _pruner_key not in config.stash:
+        config.stash[_pruner_key] = selection.Pruner(config)
+    return True if config.stash[_pruner_key].skips(collection_path) else None
+
+
 def _kata_of(item: pytest.Item) -> manifest.Kata | None:
     marker = item.get_closest_marker("kata")
     card = manifest.card_of_path(item.path)
     if marker is None or card is None:
         return None
     return next((k for k in card.katas if k.name == marker.args[0]), None)
+
+
+def _one_line_failure(excinfo: pytest.ExceptionInfo) -> str:
+    """What pytest reports for a failed kata test before pytest_runtest_makereport rewrites it.
+
+    That hook replaces the report of every failed kata test, so pytest's long traceback (each
+    frame's source and the test's arguments: about 60 ms a test, 1.2 s of a card on fresh stubs)
+    would be built only to be thrown away.
+    """
+    return excinfo.exconly()
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -100,6 +117,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         if kata is None:
             continue
         item.extra_keyword_matches.add(kata.name)  # pytest -k <kata name> selects its tests
+        item.repr_failure = _one_line_failure  # pytest_runtest_makereport rewrites the report anyway
         key = (kata.card, kata.name)
         totals[key] = totals.get(key, 0) + 1
     wanted = set(config.getoption("kvkata_katas"))

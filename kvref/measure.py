@@ -34,7 +34,7 @@ from functools import lru_cache
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.overrides import TorchFunctionMode
 
 from kvref.cache import StaticKVCache
 from kvref.config import ModelConfig
@@ -101,6 +101,10 @@ class FlopCount:
 
 def flops_of(fn: Callable, *args, **kwargs) -> FlopCount:
     """Run `fn(*args, **kwargs)` under FlopCounterMode (no grad) and return what it counted."""
+    # Imported here: torch.utils.flop_counter imports triton when it is installed, and the cards
+    # that only measure bytes should not pay for it (nor for torch._dynamo, which its first use imports).
+    from torch.utils.flop_counter import FlopCounterMode
+
     counter = FlopCounterMode(display=False, depth=0)
     with torch.no_grad(), counter:
         fn(*args, **kwargs)
@@ -138,9 +142,27 @@ class ShapeOnlyCache:
 
 
 @lru_cache(maxsize=16)
+class _NoRandomFillOnMeta(TorchFunctionMode):
+    """Skips `normal_` on meta tensors, which hold no values to fill.
+
+    On the meta device `normal_` runs a Python decomposition whose first call imports torch._dynamo
+    (about 2 s): nn.Embedding's initialisation would cost every card that sizes a real model on
+    the meta device that much. Skipping it changes nothing: a meta tensor has no values, and the
+    meta `normal_` draws nothing from the CPU generator.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.normal_ or func is nn.init.normal_:
+            tensor = args[0] if args else kwargs.get("tensor")
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
 def meta_model(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> Transformer:
     """kvref's model for `cfg` on the meta device: real shapes and dtypes, no storage, no values."""
-    with torch.device("meta"):
+    with torch.device("meta"), _NoRandomFillOnMeta():
         return Transformer(cfg).to(dtype).eval()
 
 

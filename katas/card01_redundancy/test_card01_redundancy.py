@@ -69,12 +69,6 @@ MEASURED = settings(max_examples=min(settings().max_examples, 80))
 HOOKED = settings(max_examples=min(settings().max_examples, 200))
 
 
-@pytest.fixture(scope="module")
-def flop_counter_warm():
-    """FlopCounterMode imports torch._dynamo at its first matmul (about 1 s): pay that once, here."""
-    flops_of(torch.mm, torch.ones(1, 1), torch.ones(1, 1))
-
-
 @functools.cache
 def rows_of_a_100_token_answer_to_1000(use_cache: bool) -> int:
     """K rows of one layer, batch 1, for a 1000-token prompt and a 100-token answer, run for real."""
@@ -164,7 +158,6 @@ def test_redundant_fraction_is_a_float_at_every_pass_the_prompts_included():
 
 @MEASURED
 @pytest.mark.kata("forward_flops")
-@pytest.mark.usefixtures("flop_counter_warm")
 @given(cfg=CONFIGS, batch=BATCHES, n_cached=st.integers(0, 5), n_new=st.integers(1, 4))
 @example(cfg=GQA, batch=2, n_cached=0, n_new=4)  # a prefill
 @example(cfg=GQA, batch=2, n_cached=4, n_new=1)  # a cached decode step
@@ -182,7 +175,6 @@ def test_forward_flops_match_flop_counter_mode_on_a_real_forward_pass(cfg, batch
 
 
 @pytest.mark.kata("forward_flops")
-@pytest.mark.usefixtures("flop_counter_warm")
 def test_forward_flops_of_one_llama_2_70b_token_after_4095_cached():
     """Measured on the meta device: the real shapes, 64 query heads over 8 KV heads, no memory."""
     cfg = preset("llama-2-70b")
@@ -194,7 +186,6 @@ def test_forward_flops_of_one_llama_2_70b_token_after_4095_cached():
 
 @MEASURED
 @pytest.mark.kata("generation_flops")
-@pytest.mark.usefixtures("flop_counter_warm")
 @given(cfg=CONFIGS, batch=BATCHES, p=PROMPT_LENS, n=NEW_TOKENS, use_cache=st.booleans())
 @example(cfg=GQA, batch=2, p=3, n=4, use_cache=False)
 @example(cfg=GQA, batch=2, p=3, n=4, use_cache=True)
@@ -207,7 +198,6 @@ def test_generation_flops_match_flop_counter_mode_over_a_whole_generation(cfg, b
 
 @MEASURED
 @pytest.mark.kata("generation_flops")
-@pytest.mark.usefixtures("flop_counter_warm")
 @given(cfg=CONFIGS, batch=BATCHES, p=PROMPT_LENS, n=st.integers(3, 6))
 @example(cfg=GQA, batch=2, p=2, n=5)
 def test_a_cached_step_still_costs_more_as_the_sequence_grows(cfg, batch, p, n):

@@ -29,10 +29,6 @@ from kvref.strategies import (DENSE_PRESET_NAMES, GQA_PRESET_NAMES, compute_dtyp
 
 impl = kvkata.load("card02_memory_vs_compute.costs")
 
-# The first operation on the meta device costs torch about 2 s of one-time set-up: pay it here,
-# at import, rather than in whichever test measures first.
-step_flops_measured(ModelConfig(vocab_size=8, n_layers=1, d_model=8, n_heads=2, d_ff=8), 1, 1, 1)
-
 
 @st.composite
 def varied_configs(draw) -> ModelConfig:
@@ -247,9 +243,10 @@ def test_roofline_step_time_is_the_roofline_of_measured_flops_and_bytes(draw):
 def test_roofline_step_time_uses_the_peak_of_the_dtype_it_computes_in():
     """Llama-3-8B without a cache at 2k tokens on an H100: compute-bound, 989 TFLOP/s in bf16, 67 in fp32."""
     cfg = preset("llama-3-8b")
+    dtypes = (torch.bfloat16, torch.float32, torch.float8_e4m3fn)
+    gots = [impl.roofline_step_time(cfg, H100_SXM, 1, 2047, dtype, False) for dtype in dtypes]  # before counting FLOPs
     flops = step_flops_measured(cfg, 1, 2048, 0).total
-    for dtype in (torch.bfloat16, torch.float32, torch.float8_e4m3fn):
-        got = impl.roofline_step_time(cfg, H100_SXM, 1, 2047, dtype, False)
+    for dtype, got in zip(dtypes, gots):
         want = roofline(flops, weight_bytes_read(meta_model(cfg, torch.bfloat16)) // 2 * dtype.itemsize, H100_SXM, dtype)
         expect_real(call_str("roofline_step_time", preset("llama-3-8b"), H100_SXM, 1, 2047, dtype,
                              False), got, want,
@@ -265,10 +262,11 @@ def test_roofline_step_time_of_llama_2_70b_on_devices_it_fits():
     communication ignored: optimistic.
     """
     cfg = preset("llama-2-70b")
+    devices = (H100_SXM.tensor_parallel(2), H200)
+    gots = [impl.roofline_step_time(cfg, hw, 1, 4095, torch.bfloat16, True) for hw in devices]  # before measuring
     weights = weight_bytes_read(meta_model(cfg, torch.bfloat16))
     bytes_ = weights + kv_cache_bytes_measured(cfg, 1, 4096, torch.bfloat16)  # .nbytes: read 4,095 positions, write one
-    for hw in (H100_SXM.tensor_parallel(2), H200):
-        got = impl.roofline_step_time(cfg, hw, 1, 4095, torch.bfloat16, True)
+    for hw, got in zip(devices, gots):
         want = bytes_ / hw.mem_bandwidth  # 1.5e11 FLOPs would take 0.08 ms at 2 x 989 TFLOP/s: memory-bound
         expect_real(call_str("roofline_step_time", preset("llama-2-70b"), shown(hw), 1, 4095, torch.bfloat16,
                              True), got, want,

@@ -12,6 +12,7 @@ and worked numbers with the published constants.
 """
 
 import dataclasses
+import functools
 import math
 
 import pytest
@@ -28,10 +29,6 @@ from kvref.roofline import forward_flops as kvref_forward_flops
 from kvref.strategies import DENSE_PRESET_NAMES, gqa_model_configs, hardware_presets, model_configs
 
 impl = kvkata.load("card11_energy.energy")
-
-# The first FlopCounterMode run on the meta device costs torch seconds of one-time set-up: pay it
-# here, at import, rather than in whichever test measures first.
-step_flops_measured(ModelConfig(vocab_size=8, n_layers=1, d_model=8, n_heads=2, d_ff=8), 1, 1, 1)
 
 MEASURED = settings(max_examples=min(settings().max_examples, 60))
 GQA = ModelConfig(vocab_size=64, n_layers=2, d_model=16, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=32)
@@ -61,6 +58,7 @@ def small_configs(draw) -> ModelConfig:
                      tie_embeddings=draw(st.booleans(), label="tie_embeddings"))
 
 
+@functools.cache  # the same configs come back across examples and tests: count each step once
 def step_flops(cfg, batch, n_new, n_cached):
     """FlopCounterMode's count on kvref's model for small configs; kvref.roofline's (checked against it) for presets."""
     if cfg.name:
@@ -68,16 +66,22 @@ def step_flops(cfg, batch, n_new, n_cached):
     return step_flops_measured(cfg, batch, n_new, n_cached).total
 
 
+@functools.cache
+def weights_read(cfg, dtype) -> int:
+    """.nbytes of the weight matrices a step reads, on kvref's model built on the meta device (once per config)."""
+    return weight_bytes_read(meta_model(cfg, dtype))
+
+
 def measured_step(cfg, batch, seq_len, dtype):
     """FLOPs and bytes (.nbytes: weight matrices, seq_len + 1 positions of K/V) of a decode step."""
     flops = step_flops(cfg, batch, 1, seq_len)
-    bytes_ = weight_bytes_read(meta_model(cfg, dtype)) + kv_cache_bytes_measured(cfg, batch, seq_len + 1, dtype)
+    bytes_ = weights_read(cfg, dtype) + kv_cache_bytes_measured(cfg, batch, seq_len + 1, dtype)
     return flops, bytes_
 
 
 def measured_bytes(cfg, batch, seq_len, dtype):
     """Bytes a decode step moves: .nbytes of the weight matrices and of seq_len + 1 positions of K/V per sequence."""
-    return weight_bytes_read(meta_model(cfg, dtype)) + kv_cache_bytes_measured(cfg, batch, seq_len + 1, dtype)
+    return weights_read(cfg, dtype) + kv_cache_bytes_measured(cfg, batch, seq_len + 1, dtype)
 
 
 # Real presets whose 4k context stays inside their window and their length (no MoE: a batch reads more experts).
@@ -189,7 +193,7 @@ def ratio_hint(got, want, two: str = MULTIPLY_ADD) -> str:
 @example(cfg=GELU, batch=2, seq_len=9, dtype=torch.float32, costs=SOURCE_CARD_ENERGY)
 def test_compute_energy_per_token_is_the_measured_flops_as_multiply_adds_at_pj_each(cfg, batch, seq_len, dtype, costs):
     got = impl.compute_energy_per_token(cfg, batch, seq_len, dtype, costs)
-    flops, _ = measured_step(cfg, batch, seq_len, dtype)
+    flops = step_flops(cfg, batch, 1, seq_len)  # a decode step's FLOPs, as measured_step counts them
     want = flops / 2 * costs.pj_per_fma * 1e-12 / batch
     expect_real(call_str("compute_energy_per_token", shown(cfg), batch, seq_len, dtype, shown(costs)), got, want,
                 why=f"{want:.6g} J: {flops:,} FLOPs (FlopCounterMode on the step) are {flops // 2:,} multiply-adds "
@@ -199,7 +203,7 @@ def test_compute_energy_per_token_is_the_measured_flops_as_multiply_adds_at_pj_e
 @pytest.mark.kata("compute_energy_per_token")
 def test_compute_energy_per_token_of_llama_2_70b_with_both_constant_sets():
     cfg = preset("llama-2-70b")
-    flops, _ = measured_step(cfg, 1, 4095, torch.bfloat16)
+    flops = step_flops(cfg, 1, 1, 4095)  # a decode step's FLOPs, as measured_step counts them
     for costs, joules in ((PUBLISHED_ENERGY, 0.1111), (SOURCE_CARD_ENERGY, 0.3704)):
         got = impl.compute_energy_per_token(cfg, 1, 4095, torch.bfloat16, costs)
         expect_real(call_str("compute_energy_per_token", shown(cfg), 1, 4095, torch.bfloat16, shown(costs)), got,
@@ -373,7 +377,7 @@ def prefix_dollars(cfg, hw, prefix_len, dtype, price, gb_price, lifetime):
     """(recompute $, storage $) from measured FLOPs and bytes of a prefill of the prefix."""
     flops = step_flops(cfg, 1, prefix_len, 0)
     kv = kv_cache_bytes_measured(cfg, 1, prefix_len, dtype)
-    bytes_ = weight_bytes_read(meta_model(cfg, dtype)) + kv
+    bytes_ = weights_read(cfg, dtype) + kv
     recompute = max(flops / hw.peak_flops(dtype), bytes_ / hw.mem_bandwidth) * hw.n_devices * price / 3600
     return recompute, kv / 1e9 * gb_price * lifetime / 3600
 
@@ -389,6 +393,10 @@ def prefix_dollars(cfg, hw, prefix_len, dtype, price, gb_price, lifetime):
 @example(cfg=GQA, hw=H100_SXM.tensor_parallel(4), prefix_len=16, lifetime=3600.0, gb_price=0.0234, price=2.0)  # 4 devices billed
 def test_keep_prefix_cache_flips_where_reuses_times_measured_recompute_cost_meet_storage_cost(cfg, hw, prefix_len,
                                                                                              lifetime, gb_price, price):
+    # Never reused, a prefix is not worth storing for a second: asked first, before FLOPs are counted.
+    got = impl.keep_prefix_cache(cfg, hw, prefix_len, torch.bfloat16, 0.0, lifetime, price, gb_price)
+    expect_equal(call_str("keep_prefix_cache", shown(cfg), shown(hw), prefix_len, torch.bfloat16, 0.0, lifetime, price,
+                          gb_price), got, False, "False: 0 reuses save no prefill, and storing the K/V costs more than $0")
     recompute, storage = prefix_dollars(cfg, hw, prefix_len, torch.bfloat16, price, gb_price, lifetime)
     threshold = storage / recompute
     for reuses, keep in ((threshold * 1.0001, True), (threshold * 0.9999, False)):  # 0.01% either side

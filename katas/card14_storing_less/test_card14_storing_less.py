@@ -33,9 +33,6 @@ from kvref.strategies import HEAD_DIMS, gqa_model_configs, kv_dtypes, model_conf
 
 impl = kvkata.load("card14_storing_less.storing")
 
-# The first operation on the meta device costs torch about 2 s of one-time set-up: pay it at import.
-selective_recompute_flops_measured(ModelConfig(vocab_size=8, n_layers=1, d_model=8, n_heads=2, d_ff=8), set(), 1)
-
 MLA = ModelConfig(vocab_size=64, n_layers=3, d_model=32, n_heads=4, head_dim=8, d_ff=32, max_seq_len=64,
                   mla_latent_dim=12, mla_rope_dim=4)
 GQA = ModelConfig(vocab_size=64, n_layers=4, d_model=16, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=32)
@@ -62,13 +59,13 @@ def mla_configs(draw) -> ModelConfig:
        dtype=st.sampled_from([torch.float32, torch.bfloat16]))
 @example(cfg=MLA, batch=2, seq_len=5, dtype=torch.bfloat16)
 def test_mla_bytes_per_token_match_nbytes_of_the_latent_caches_a_real_mla_model_filled(cfg, batch, seq_len, dtype):
+    got = impl.mla_bytes_per_token(cfg, dtype)
     model = build_mla_model(cfg, dtype=dtype)
     caches = model.new_caches(batch, seq_len)  # sized to exactly seq_len positions
     ids = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         model(ids, torch.arange(seq_len), caches)
     total = sum(c.nbytes for c in caches)
-    got = impl.mla_bytes_per_token(cfg, dtype)
     expect_equal(call_str("mla_bytes_per_token", shown(cfg), dtype), got, total // (batch * seq_len),
                  f".nbytes of kvref's {plural(cfg.n_layers, 'MLA cache')} (one per layer: latent [B, T, "
                  f"{cfg.mla_latent_dim}] and RoPE key [B, T, {cfg.mla_rope_dim}], nothing per head) after a forward pass "
@@ -207,17 +204,17 @@ def test_mla_absorbed_scores_of_one_new_token_cost_no_more_flops_than_the_absorb
     """At decode (S = 1) over T = 64 cached latents, expanding every key costs ~10x more than absorbing."""
     H, T = 8, 64
     inputs = score_inputs(B=1, H=H, S=1, T=T, D=16, C=8, Dr=4, seed=5)
+    with LargestTensor() as seen:  # first, before FlopCounterMode starts: a stub fails at once
+        impl.mla_absorbed_scores(*inputs)
+    got = flops_of(impl.mla_absorbed_scores, *inputs).total
     absorbed = flops_of(mla_scores_absorbed, *inputs).total
     naive = flops_of(mla_scores_naive, *inputs).total
-    got = flops_of(impl.mla_absorbed_scores, *inputs).total
     expect(got <= absorbed, call_str("mla_absorbed_scores", *inputs), Shown(f"after {got:,} FLOPs"),
            f"at most the {absorbed:,} FLOPs (FlopCounterMode) of the absorbed form: w_uk moved onto the {H} "
            f"queries (2·H·D·C) then scores against the {T} latents and RoPE keys (2·H·T·(C + Dr)); "
            f"expanding every key first costs {naive:,}")
     # FlopCounterMode counts matmuls only: keys expanded by broadcasting (w_uk[None, :, None] * latent[..., None])
     # cost no counted FLOPs. The tensors tell: no intermediate may be as large as the expanded keys [B, H, T, D].
-    with LargestTensor() as seen:
-        impl.mla_absorbed_scores(*inputs)
     B, _, S, D = inputs[0].shape
     expanded = B * H * T * D
     bound = max(max(x.numel() for x in inputs), B * H * S * T)  # an input, or the scores themselves
@@ -317,8 +314,8 @@ def _bill_why(cfg, cached, n_past, measured):
 @example(setup=(GQA.with_(mlp="gelu"), frozenset({1, 3})), n_past=4)
 def test_selective_cache_recompute_flops_match_flopcountermode_on_the_rebuild(setup, n_past):
     cfg, cached = setup
-    measured = selective_recompute_flops_measured(cfg, cached, n_past)
     got = impl.selective_cache_recompute_flops(cfg, set(cached), n_past)
+    measured = selective_recompute_flops_measured(cfg, cached, n_past)
     expect_equal(call_str("selective_cache_recompute_flops", shown(cfg), set(cached), n_past), got, measured,
                  _bill_why(cfg, cached, n_past, measured))
 
@@ -329,7 +326,7 @@ def test_selective_cache_recompute_flops_of_llama_caching_the_top_or_the_bottom_
     cfg = preset("llama-2-7b")  # 32 layers
     for cached, text in ((set(range(16, 32)), "{16..31}"), (set(range(16)), "{0..15}"), (set(range(1, 32)), "{1..31}"),
                          (set(range(0, 32, 2)), "{0, 2, .., 30}")):
-        measured = selective_recompute_flops_measured(cfg, cached, 16)  # 16 past tokens
         got = impl.selective_cache_recompute_flops(cfg, cached, 16)
+        measured = selective_recompute_flops_measured(cfg, cached, 16)  # 16 past tokens
         expect_equal(call_str("selective_cache_recompute_flops", preset("llama-2-7b"), Shown(text), 16), got,
                      measured, _bill_why(cfg, cached, 16, measured))
