@@ -110,10 +110,18 @@ def _parametrize_ids(call: ast.expr, config: pytest.Config | None, func: str) ->
     if set(kwargs) - {"ids", "indirect", "scope"}:
         return None
     try:
-        argnames = ast.literal_eval(call.args[0])
-        argvalues = ast.literal_eval(call.args[1])
         ids = ast.literal_eval(kwargs["ids"]) if "ids" in kwargs else None
     except ValueError:
+        return None
+    try:
+        argnames = ast.literal_eval(call.args[0])
+        argvalues = ast.literal_eval(call.args[1])
+    except ValueError:
+        # Values that are not literals (torch.bfloat16) with literal, distinct, plain ids: pytest uses the ids as given.
+        values = call.args[1]
+        if (isinstance(ids, (list, tuple)) and isinstance(values, ast.List | ast.Tuple) and len(values.elts) == len(ids)
+                and all(isinstance(i, str) and i.isascii() and i.isprintable() for i in ids) and len(set(ids)) == len(ids)):
+            return list(ids)
         return None
     if isinstance(argnames, str):
         argnames = [n.strip() for n in argnames.split(",") if n.strip()]
