@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 import torch
 
 from kvref.attention import attention
-from kvref.cache import GrowingKVCache
 from kvref.model import Transformer
 from kvref.rope import apply_rope, rope_cos_sin
 
