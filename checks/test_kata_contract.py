@@ -428,7 +428,7 @@ def test_a_wrong_answer_says_what_was_called_returned_and_expected_and_where(pro
 SPEC_MODULES = {"kvref.config", "kvref.hardware"}  # specs: types and datasheet numbers, no answers
 # Instruments: what the tests measure with, run or check arguments with. No card's answers.
 INSTRUMENTS = {"kvref/__init__.py", "kvref/model.py", "kvref/measure.py", "kvref/opcount.py", "kvref/strategies.py",
-               "kvref/validate.py", "kvref/decode_launch.py", "kvref/weight_quant.py"}
+               "kvref/validate.py", "kvref/decode_launch.py", "kvref/weight_quant.py", "kvref/launch.py"}
 ANSWERS = manifest.answer_modules()  # kvref module -> the cards it answers, from kvkata/cards.toml
 
 
