@@ -155,7 +155,7 @@ def launch(fn, world: int, *args, timeout: float = 60.0, start_method: str | Non
                         f"pickled): {type(e).__name__}: {e}") from None
     method, why = choose_start_method(start_method)
     if why:
-        warnings.warn(f"kvref.parallel.launch starts its {world} ranks with spawn, not fork: {why}; each rank "
+        warnings.warn(f"kvref.launch.launch starts its {world} ranks with spawn, not fork: {why}; each rank "
                       "imports torch again, which costs seconds per launch", RuntimeWarning, stacklevel=2)
     ctx = mp.get_context(method)
     results = ctx.Queue()
