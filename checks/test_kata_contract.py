@@ -434,23 +434,67 @@ def test_a_wrong_answer_says_what_was_called_returned_and_expected_and_where(pro
 # --- no spoilers on the learner's path -----------------------------------------------------
 
 SPEC_MODULES = {"kvref.config", "kvref.hardware"}  # specs: types and datasheet numbers, no answers
-SPOILERS = {
-    "kvref/cache.py": "card00",
-    "kvref/attention.py": "card00",
-    "kvref/roofline.py": "cards 01 and 02",
-    "kvref/parallel.py": "card07",
-    "kvref/kv_quant.py": "card04",
-    "kvref/compress.py": "card14",
-    "kvref/rope.py": "card06",
-    "kvref/alibi.py": "card06",
-    "kvref/eviction.py": "card08",
-    "kvref/paging.py": "cards 03 and 13",
-    "kvref/offload.py": "card13",
-    "kvref/serving.py": "card05",
-    "kvref/recurrent.py": "card10",
-    "kvref/energy.py": "card11",
-    "kvref/triton_decode.py": "card09",
-}
+# Instruments: what the tests measure with, run or check arguments with. No card's answers.
+INSTRUMENTS = {"kvref/__init__.py", "kvref/model.py", "kvref/measure.py", "kvref/opcount.py", "kvref/strategies.py",
+               "kvref/validate.py", "kvref/decode_launch.py", "kvref/weight_quant.py", "kvref/launch.py"}
+ANSWERS = manifest.answer_modules()  # kvref module -> the cards it answers, from kvkata/cards.toml
+
+
+def _cards_named(text: str) -> set[str]:
+    """The card ids a line names: "card00", "card05 and card12", "cards 03 and 13", "cards 01, 02 and 03"."""
+    named = set()
+    for m in re.finditer(r"\bcards?\s*(\d\d(?:(?:,\s*|,?\s+and\s+)\d\d)*)", text):
+        named.update(f"card{n}" for n in re.findall(r"\d\d", m.group(1)))
+    return named
+
+
+def test_cards_named_reads_every_way_the_docs_name_cards():
+    assert _cards_named("**spoilers for card00**") == {"card00"}
+    assert _cards_named("Spoiler for card05 and card12: x") == {"card05", "card12"}
+    assert _cards_named("spoiler for cards 03 and 13: the cards 14") == {"card03", "card13", "card14"}
+    assert _cards_named("cards 01, 02 and 03") == {"card01", "card02", "card03"}
+    assert _cards_named("the 13 cards, 2 of them") == set()
+
+
+def test_every_kvref_module_is_a_spec_an_instrument_or_a_cards_answer():
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "kvref").rglob("*.py")}
+    specs = {m.replace(".", "/") + ".py" for m in SPEC_MODULES}
+    assert not (set(ANSWERS) - modules), f"cards.toml names answers that are not in kvref: {sorted(set(ANSWERS) - modules)}"
+    assert not (INSTRUMENTS - modules), f"INSTRUMENTS names modules that are not in kvref: {sorted(INSTRUMENTS - modules)}"
+    both = (specs | INSTRUMENTS) & set(ANSWERS)
+    assert not both, f"{sorted(both)}: a spec or an instrument, yet cards.toml lists it as some card's answers"
+    unplaced = modules - specs - INSTRUMENTS - set(ANSWERS)
+    assert not unplaced, (f"{sorted(unplaced)}: neither a spec, an instrument (INSTRUMENTS here) nor a card's "
+                          "answers (`answers` in kvkata/cards.toml)")
+
+
+def _readme_reading_rows() -> list[tuple[list[str], str]]:
+    """README's table rows that name kvref files: (the backticked kvref paths, the row)."""
+    rows = []
+    for line in (ROOT / "README.md").read_text().splitlines():
+        paths = re.findall(r"`(kvref/[\w/]+\.py)`", line)
+        if line.startswith("|") and paths:
+            rows.append((paths, line))
+    return rows
+
+
+def test_readmes_reading_table_names_every_answer_module_as_a_spoiler_of_its_cards():
+    rows = _readme_reading_rows()
+    for path, ids in ANSWERS.items():
+        found = [row for paths, row in rows if path in paths]
+        assert found, (f"README.md's table of what to read names no `{path}`, which holds answers to "
+                       f"{', '.join(ids)}; `python -m kvkata.manifest --reading-table` prints its row")
+        for row in found:
+            assert "spoiler" in row.lower(), f"README.md: the row of `{path}` does not call it a spoiler: {row}"
+            # A row may name several modules: it names the cards of all of them.
+            wanted = set().union(*(ANSWERS[p] for p in re.findall(r"`(kvref/[\w/]+\.py)`", row) if p in ANSWERS))
+            assert _cards_named(row) == wanted, (f"README.md: the row of `{path}` names cards "
+                                                 f"{sorted(_cards_named(row))}; cards.toml says {sorted(wanted)}")
+
+
+def test_readmes_reading_table_names_only_kvref_modules_that_exist():
+    missing = {p for paths, _ in _readme_reading_rows() for p in paths if not (ROOT / p).is_file()}
+    assert not missing, f"README.md's table of what to read names kvref files that do not exist: {sorted(missing)}"
 
 
 @pytest.mark.parametrize("card,module", list(_kata_modules()))
@@ -466,10 +510,9 @@ def test_no_stub_imports_kvref_beyond_its_spec_modules(card, module):
     assert kvref <= SPEC_MODULES, f"{card.id} {module}.py imports {sorted(kvref - SPEC_MODULES)}: answers, not specs"
 
 
-@pytest.mark.parametrize("path,card", sorted(SPOILERS.items()))
-def test_every_kvref_module_that_answers_katas_says_so_first_and_the_readme_names_it(path, card):
+@pytest.mark.parametrize("path,cards", sorted(ANSWERS.items()))
+def test_every_kvref_module_that_answers_katas_says_so_first(path, cards):
     doc = ast.get_docstring(ast.parse((ROOT / path).read_text())) or ""
     first = doc.splitlines()[0] if doc else ""
-    assert first.startswith("Spoiler") and card in first, f"{path}: first docstring line {first!r}"
-    readme = (ROOT / "README.md").read_text()
-    assert f"`{path}`" in readme and "spoiler" in readme.lower()
+    assert first.startswith("Spoiler") and _cards_named(first) == set(cards), \
+        f"{path}: first docstring line {first!r} should say it is a spoiler for {manifest.cards_phrase(cards)}"

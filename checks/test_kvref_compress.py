@@ -1,4 +1,4 @@
-"""kvref.compress against code nobody here wrote, and its own identities measured.
+"""kvref.mla, kvref.low_rank and kvref.layer_selective (card14) against code nobody here wrote, and their identities measured.
 
 - MLA: the absorbed scores and output equal the naive ones (fp32, hypothesis over shapes); the
   absorbed and naive models give the same logits, cached decoding the logits of recomputation;
@@ -19,12 +19,12 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from kvref.compress import (MLACache, MLATransformer, absorb_output, build_mla_model, low_rank, low_rank_error,
-                            mla_cache_bytes_measured, mla_output_absorbed, mla_output_naive, mla_scores_absorbed,
-                            mla_scores_naive, new_selective_caches, selective_decode_step,
-                            selective_recompute_flops_measured, synthetic_keys)
 from kvref.config import ModelConfig, preset
+from kvref.layer_selective import new_selective_caches, selective_decode_step, selective_recompute_flops_measured
+from kvref.low_rank import low_rank, low_rank_error, synthetic_keys
 from kvref.measure import kv_recompute_flops_measured
+from kvref.mla import (MLACache, MLATransformer, absorb_output, build_mla_model, mla_cache_bytes_measured,
+                       mla_output_absorbed, mla_output_naive, mla_scores_absorbed, mla_scores_naive)
 from kvref.model import build_model
 from kvref.roofline import kv_bytes_per_token
 from kvref.strategies import gqa_model_configs, model_configs

@@ -124,7 +124,7 @@ def test_deepseek_preset_has_the_published_mixture_of_experts(name):
 
 @pytest.mark.parametrize("name", DEEPSEEK_MOE)
 def test_deepseek_preset_builds_a_model_with_the_published_parameter_count(name):
-    from kvref.compress import MLATransformer
+    from kvref.mla import MLATransformer
 
     cfg = preset(name)
     with torch.device("meta"):

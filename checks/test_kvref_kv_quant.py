@@ -174,7 +174,7 @@ def test_nbytes_count_codes_scales_zero_points_and_the_residual_window():
 
 def _minilm_layers():
     try:
-        from kvref.kv_quant import minilm_dir, minilm_qkv
+        from bench.minilm_keys import minilm_dir, minilm_qkv
         minilm_dir()
     except ImportError as exc:
         pytest.skip(f"MiniLM's weights are not installed ({exc})")

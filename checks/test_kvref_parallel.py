@@ -1,4 +1,4 @@
-"""kvref.parallel against the single-process model: tensor parallelism on tp = 1, 2, 4 (including
+"""kvref.tensor_parallel, pipeline_parallel, reshard and launch against the single-process model: tensor parallelism on tp = 1, 2, 4 (including
 fewer KV heads than ranks), 2 pipeline stages, caches resharded mid-decode (tp = 2 to 4, 4 to 2, 4 to 1),
 failures named by rank with no process left behind, and how the ranks start (forked here; spawned,
 with a warning saying why, where fork is unsafe).
@@ -23,9 +23,12 @@ import pytest
 import torch
 
 from kvref.config import ModelConfig
-import kvref.parallel as parallel
-from kvref.parallel import (LaunchError, check_reshard_plan, choose_start_method, faulty_worker, heads_in_cache, launch,
-                            pp_layers, pp_worker, reshard_plan, reshard_worker, single_process, tp_kv_heads, tp_worker)
+import kvref.launch as launcher
+from checks.rank_faults import faulty_worker
+from kvref.launch import LaunchError, choose_start_method, launch
+from kvref.pipeline_parallel import pp_layers, pp_worker
+from kvref.reshard import check_reshard_plan, reshard_plan, reshard_worker
+from kvref.tensor_parallel import heads_in_cache, single_process, tp_kv_heads, tp_worker
 
 BATCH, PROMPT, LENGTH = 2, 5, 9  # a 5-token prompt, then 4 decode steps
 GQA = ModelConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=8, n_kv_heads=2, head_dim=4, d_ff=32)
@@ -212,15 +215,15 @@ def test_launch_chooses_fork_on_linux_without_cuda_and_spawn_where_fork_is_unsaf
     assert choose_start_method() == ("spawn", "KVREF_START_METHOD=spawn is set")
     monkeypatch.setenv("KVREF_START_METHOD", "fork")
     with monkeypatch.context() as m:
-        m.setattr(parallel.torch.cuda, "is_initialized", lambda: True)
+        m.setattr(launcher.torch.cuda, "is_initialized", lambda: True)
         assert choose_start_method("fork") == ("spawn", "CUDA is initialised in this process, and a forked child "
                                                         "cannot use its CUDA context")
     with monkeypatch.context() as m:
-        m.setattr(parallel.mp, "get_all_start_methods", lambda: ["spawn"])
-        m.setattr(parallel.sys, "platform", "win32")
+        m.setattr(launcher.mp, "get_all_start_methods", lambda: ["spawn"])
+        m.setattr(launcher.sys, "platform", "win32")
         assert choose_start_method() == ("spawn", "this platform (win32) has no fork")
     with monkeypatch.context() as m:
-        m.setattr(parallel.sys, "platform", "darwin")
+        m.setattr(launcher.sys, "platform", "darwin")
         method, why = choose_start_method()
         assert method == "spawn" and "macOS" in why
     monkeypatch.setenv("KVREF_START_METHOD", "forkserver")
@@ -267,7 +270,7 @@ def test_ranks_are_forked_from_this_process_with_one_torch_thread_each(monkeypat
 @pytest.mark.slow
 def test_where_fork_is_unsafe_ranks_are_spawned_with_a_warning_that_says_why(monkeypatch, rank_pids):
     monkeypatch.delenv("KVREF_START_METHOD", raising=False)
-    monkeypatch.setattr(parallel.torch.cuda, "is_initialized", lambda: True)  # as after a CUDA op in this process
+    monkeypatch.setattr(launcher.torch.cuda, "is_initialized", lambda: True)  # as after a CUDA op in this process
     monkeypatch.setattr(sys.modules[__name__], "MARK", "set by this process after import")
     with pytest.warns(RuntimeWarning, match="starts its 2 ranks with spawn, not fork: CUDA is initialised in this "
                                             "process") as caught:
@@ -341,7 +344,7 @@ def test_a_launch_interrupted_by_a_timer_signal_leaves_no_process(rank_pids):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_ranks_die_with_a_launcher_that_is_killed():
     script = ("import multiprocessing.process as mpp\n"
-              "from kvref.parallel import faulty_worker, launch\n"
+              "from checks.rank_faults import faulty_worker\nfrom kvref.launch import launch\n"
               "real = mpp.BaseProcess.start\n"
               "def start(self):\n"
               "    real(self)\n"

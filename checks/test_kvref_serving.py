@@ -1,4 +1,4 @@
-"""kvref.serving: continuous batching on kvref's model, admission, preemption, and the simulator.
+"""kvref.serving (continuous batching on kvref's model, admission, preemption) and kvref.serving_sim (the simulator).
 
 - Request-level isolation: requests served together, joining and leaving between steps, get
   exactly the greedy tokens kvref's model generates for each alone (fp32), also across a
@@ -24,8 +24,8 @@ from kvref.config import ModelConfig, preset
 from kvref.hardware import H100_SXM
 from kvref.measure import cache_nbytes
 from kvref.model import build_model
-from kvref.serving import (Sequence, SimConfig, TraceRequest, admit_fcfs, batched_forward, cache_nbytes_of,
-                           percentile, poisson_trace, preempt, resume, serve, simulate, steady_decode)
+from kvref.serving import Sequence, admit_fcfs, batched_forward, cache_nbytes_of, preempt, resume, serve
+from kvref.serving_sim import SimConfig, TraceRequest, percentile, poisson_trace, simulate, steady_decode
 
 CFG = ModelConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=32, max_seq_len=64)
 MQA = CFG.with_(n_kv_heads=1, n_layers=3)

@@ -1,13 +1,13 @@
 """Maintainers' checks of kvref's Triton decode kernel as compiled for an H100, on the CPU.
 
-kvref.triton_static compiles the kernel for sm_90a with triton's bundled ptxas (no GPU), for
+tools/triton_static.py compiles the kernel for sm_90a with triton's bundled ptxas (no GPU), for
 every shape bench/decode_bandwidth.py measures, and reads the facts the speed depends on. It
 runs in a subprocess: the root conftest turns TRITON_INTERPRET on when there is no CUDA, and an
 interpreted kernel cannot be compiled. About 20 s on 2 cores (one compile per specialization),
 once per session.
 
 The modeled fractions of copy bandwidth are estimates from the facts and the constants in
-kvref.triton_static (H100, MODEL), not measurements: `python -m kvref.triton_static` prints
+tools/triton_static.py (H100, MODEL), not measurements: `python tools/triton_static.py` prints
 them; bench/decode_bandwidth.py measures on a GPU.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvref import triton_static
+from tools import triton_static
 
 # The fixture compiles every specialization once (about 20 s on 2 cores, more on a cold triton
 # cache): past the suite's 20 s per-test limit.
@@ -36,10 +36,10 @@ def rows():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     done = subprocess.run(
-        [sys.executable, "-m", "kvref.triton_static", "--json"],
+        [sys.executable, "tools/triton_static.py", "--json"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
-    assert done.returncode == 0, f"python -m kvref.triton_static --json failed:\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, f"python tools/triton_static.py --json failed:\n{done.stderr[-3000:]}"
     result = json.loads(done.stdout)
     print("\n" + triton_static.format_table(result["rows"]))  # shown with pytest -s
     return result["rows"]

@@ -44,7 +44,7 @@ from checks.conftest import ROOT
 from kvkata import manifest
 from kvref.config import ModelConfig, preset
 from kvref.hardware import hardware
-from kvref.parallel import tp_cache_nbytes_meta
+from kvref.tensor_parallel import tp_cache_nbytes_meta
 from kvref.roofline import kv_bytes_per_token, n_params
 
 CARDS = manifest.cards()
@@ -104,7 +104,7 @@ def per_device_need(cfg: ModelConfig, n: int, batch: int, context: int, dtype: t
                     cache_bytes: int | None = None) -> int:
     """Bytes one of n tensor-parallel devices holds: its share of every parameter and its ranks' cache.
 
-    kvref.parallel.tp_cache_nbytes_meta refuses a device count that does not split the query heads
+    kvref.tensor_parallel.tp_cache_nbytes_meta refuses a device count that does not split the query heads
     evenly, or that neither divides nor is a multiple of the KV heads; past Hkv devices each KV head
     is replicated. An MLA latent is shared by all heads: every device holds all of it.
     """

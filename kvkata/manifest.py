@@ -31,6 +31,7 @@ class Card:
     dir: str
     title: str
     katas: tuple[Kata, ...]
+    answers: tuple[str, ...] = ()  # the kvref modules that hold its answers, e.g. "kvref/cache.py"
 
     def hints(self) -> dict[str, list[str]]:
         """Graded hints per kata, from katas/<dir>/hints.toml: nudge, method, near-answer."""
@@ -47,7 +48,8 @@ def cards() -> tuple[Card, ...]:
     data = tomllib.loads((Path(__file__).parent / "cards.toml").read_text())
     return tuple(
         Card(c["id"], c["dir"], c["title"],
-             tuple(Kata(c["id"], k["name"], k["module"], c["dir"], k.get("formula", False)) for k in c["katas"]))
+             tuple(Kata(c["id"], k["name"], k["module"], c["dir"], k.get("formula", False)) for k in c["katas"]),
+             tuple(c.get("answers", ())))
         for c in data["card"]
     )
 
@@ -79,3 +81,50 @@ def card_of_path(path: str | Path) -> Card | None:
         if c.dir in parts:
             return c
     return None
+
+
+def answer_modules() -> dict[str, tuple[str, ...]]:
+    """Each kvref module that holds answers -> the cards it answers, in card order (from cards.toml)."""
+    modules: dict[str, tuple[str, ...]] = {}
+    for c in cards():
+        for path in c.answers:
+            modules[path] = modules.get(path, ()) + (c.id,)
+    return modules
+
+
+def cards_phrase(ids) -> str:
+    """("card03", "card13") -> "cards 03 and 13"; ("card00",) -> "card00"."""
+    ids = list(ids)
+    if len(ids) == 1:
+        return ids[0]
+    numbers = [i.removeprefix("card") for i in ids]
+    return "cards " + ", ".join(numbers[:-1]) + " and " + numbers[-1]
+
+
+def _docstring_topic(path: str) -> str:
+    """The first docstring line of a kvref module, less its "Spoiler for ...:" and "(read it after you pass)"."""
+    import ast
+    first = (ast.get_docstring(ast.parse((ROOT / path).read_text())) or "").splitlines()[0]
+    topic = first.split(": ", 1)[-1].replace("(read it after you pass)", "").rstrip(". ")
+    return topic[:1].lower() + topic[1:] if topic[1:2].islower() else topic
+
+
+def reading_table() -> str:
+    """The spoiler rows of README's table of what to read in kvref: one row per set of cards answered."""
+    rows: dict[tuple[str, ...], list[str]] = {}
+    for path, ids in answer_modules().items():
+        rows.setdefault(ids, []).append(path)
+    lines = ["| file | what it is for you |", "|---|---|"]
+    for ids, paths in rows.items():
+        files = ", ".join(f"`{p}`" for p in paths)
+        noun = "spoilers" if len(paths) > 1 else "spoiler"
+        what = "; ".join(_docstring_topic(p) for p in paths)
+        lines.append(f"| {files} | **{noun} for {cards_phrase(ids)}**: {what}. Read after you pass. |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:] != ["--reading-table"]:
+        sys.exit("usage: python -m kvkata.manifest --reading-table")
+    print(reading_table())

@@ -34,7 +34,7 @@ class ModelConfig:
     # router that sends each token to experts_per_token of them. Zero means one dense MLP per layer.
     n_experts: int = 0
     experts_per_token: int = 0
-    # DeepSeekMoE (built with MLA only, by kvref.compress): shared experts every token goes through,
+    # DeepSeekMoE (built with MLA only, by kvref.mla): shared experts every token goes through,
     # beside the routed ones, and a first few layers that keep one dense MLP of width dense_d_ff.
     n_shared_experts: int = 0
     first_dense_layers: int = 0
@@ -159,7 +159,7 @@ def _swiglu_hidden(d_model: int) -> int:
 #   dense (first_k_dense_replace 1, intermediate_size 12,288); 236B total, 21B active. V3: 61 layers,
 #   d 7168, 256 routed + 1 shared, top-8, width 2,048, the first 3 layers dense (18,432); 671B total
 #   (685B with the multi-token-prediction module, not modelled), 37B active. kvref builds both at
-#   235.74e9 and 671.03e9 (kvref.compress.MLATransformer on the meta device; V3's 14,848 router
+#   235.74e9 and 671.03e9 (kvref.mla.MLATransformer on the meta device; V3's 14,848 router
 #   score biases are left out).
 # kvref builds every dense model Llama-style (RoPE, RMSNorm, no biases): for GPT-3 that drops its
 # learned positions and biases (40.5M parameters), 174.57e9 against 174.60e9.

@@ -23,7 +23,8 @@ from kvref.config import PRESETS, ModelConfig, preset
 from kvref.hardware import A100_40GB, H100_SXM, H200, HARDWARE
 from kvref.measure import cache_nbytes, kv_cache_bytes_measured
 from kvref.model import build_model
-from kvref.serving import Sequence, batched_forward, steady_decode
+from kvref.serving import Sequence, batched_forward
+from kvref.serving_sim import steady_decode
 from kvref.strategies import gqa_model_configs, model_configs
 
 impl = kvkata.load("card05_batching.batching")

@@ -23,10 +23,11 @@ import kvkata
 from kvkata.check import Shown, call_str, describe, describe_config, expect_close, expect_equal, expect_real, plural
 from kvref.config import PRESETS, ModelConfig, preset
 from kvref.measure import kv_cache_bytes_measured
-from kvref.parallel import (check_reshard_plan, choose_start_method, heads_in_cache, launch, pp_hidden_nbytes_meta,
-                            pp_stage_cache_nbytes_meta, pp_worker, reshard_message_nbytes_meta, reshard_worker,
-                            single_process, tp_cache_nbytes_meta, tp_kv_heads, tp_worker)
-from kvref.parallel import reshard_plan as kvref_plan
+from kvref.launch import choose_start_method, launch
+from kvref.pipeline_parallel import pp_hidden_nbytes_meta, pp_stage_cache_nbytes_meta, pp_worker
+from kvref.reshard import check_reshard_plan, reshard_message_nbytes_meta, reshard_worker
+from kvref.reshard import reshard_plan as kvref_plan
+from kvref.tensor_parallel import heads_in_cache, single_process, tp_cache_nbytes_meta, tp_kv_heads, tp_worker
 
 impl = kvkata.load("card07_distributed.sharding")
 

@@ -17,7 +17,7 @@ import kvkata
 from kvkata.check import call_str, expect, expect_real, plural
 from kvref.config import ModelConfig
 from kvref.hardware import H100_SXM
-from kvref.serving import SimConfig, TraceRequest, percentile, poisson_trace, simulate
+from kvref.serving_sim import SimConfig, TraceRequest, percentile, poisson_trace, simulate
 
 impl = kvkata.load("card12_trap.trap")
 

@@ -24,10 +24,11 @@ import kvkata
 from kvkata.check import (PARAMETER_FIELDS, Shown, call_str, describe_config, expect, expect_close, expect_equal,
                           expect_real, plural)
 from kvref.attention import causal_mask
-from kvref.compress import (build_mla_model, low_rank_error, mla_cache_bytes_measured, mla_output_naive,
-                            mla_scores_absorbed, mla_scores_naive, selective_recompute_flops_measured, synthetic_keys)
+from kvref.layer_selective import selective_recompute_flops_measured
+from kvref.low_rank import low_rank_error, synthetic_keys
 from kvref.config import PRESETS, ModelConfig, preset
 from kvref.measure import flops_of, kv_bytes_per_token_measured
+from kvref.mla import build_mla_model, mla_cache_bytes_measured, mla_output_naive, mla_scores_absorbed, mla_scores_naive
 from kvref.model import build_model
 from kvref.strategies import HEAD_DIMS, gqa_model_configs, kv_dtypes, model_configs
 

@@ -1,4 +1,4 @@
-"""What kvref's Triton decode kernel does on an H100, read from its compiled code on a CPU.
+"""Maintainers' study tool: what kvref's Triton decode kernel does on an H100, read from its compiled code on a CPU.
 
 Nothing here runs on a GPU. ``triton.compile`` builds the kernel for sm_90a (``GPUTarget("cuda",
 90, 32)``) from the exact launch the wrapper would make (``triton_decode._launch`` is run with
@@ -17,8 +17,8 @@ copy bandwidth. Every constant is in ``H100`` (hardware facts, with their source
 (assumptions, with their reason). The numbers it prints are MODELED, not measured: only
 bench/decode_bandwidth.py on a GPU measures.
 
-    python -m kvref.triton_static            # the table, bf16, the benchmark's shapes
-    python -m kvref.triton_static --json     # the same as JSON (checks/test_triton_static.py)
+    python tools/triton_static.py            # the table, bf16, the benchmark's shapes
+    python tools/triton_static.py --json     # the same as JSON (checks/test_triton_static.py)
 
 Run it with TRITON_INTERPRET unset: an interpreted kernel cannot be compiled.
 """
@@ -35,8 +35,11 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's kvref, not an installed one
 
 H100 = dict(  # H100 SXM5 80GB (compute capability 9.0)
     sms=132,  # NVIDIA H100 Tensor Core GPU datasheet: 132 SMs on the SXM5 part
