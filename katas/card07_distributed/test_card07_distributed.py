@@ -1,6 +1,6 @@
 """card07: distributed cache consistency.
 
-The answers are checked against a real run: kvref.parallel starts one CPU process per rank,
+The answers are checked against a real run: kvref.launch starts one CPU process per rank,
 joins them with torch.distributed's gloo backend and decodes a prompt and 3 more tokens with the
 model sharded by tensor parallelism (tp = 1, 2, 4) or split into 2 pipeline stages. Each rank's
 logits equal the single-process model's (checked by the maintainers' suite); here each rank's

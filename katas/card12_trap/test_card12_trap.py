@@ -1,6 +1,6 @@
 """card12: the interview trap.
 
-Every answer is checked on the output of kvref's serving simulator (`kvref.serving.simulate`):
+Every answer is checked on the output of kvref's serving simulator (`kvref.serving_sim.simulate`):
 requests served with iteration-level batching under a K/V memory budget, either with a static
 reservation of max_seq_len slots per request or with paged blocks allocated on demand. The
 capacity is the completion rate the simulator measures on a saturated queue; the trap is the

@@ -2,7 +2,7 @@
 
 Every answer is compared with a measurement on real tensors:
 - bytes per token with `.nbytes` of kvref's MLA caches, filled by a real forward pass of a small
-  MLA model (kvref.compress, checked against transformers' DeepseekV3 in checks/) or allocated on
+  MLA model (kvref.mla, checked against transformers' DeepseekV3 in checks/) or allocated on
   the meta device for the DeepSeek presets, and with kvref's ordinary caches for the GQA presets;
 - absorbed scores with the scores of a naive MLA that expands every head's key from the latent,
   and with the output of a real MLA layer computed from them; their FLOPs with FlopCounterMode;
