@@ -96,7 +96,7 @@ FRACTIONAL = [(ModelConfig(vocab_size=8, n_layers=1, d_model=16, n_heads=4, n_kv
 def test_decode_attention_intensity_of_mha_and_odd_groups_is_a_float_fraction():
     for cfg, dtype, note in FRACTIONAL:
         got = impl.decode_attention_intensity(cfg, dtype)
-        call = call_str("decode_attention_intensity", shown(cfg), dtype)
+        call = call_str("decode_attention_intensity", cfg, dtype)
         want, flops, nbytes = measured_intensity(cfg, dtype, 1, 6, 1)
         expect_real(call, got, want, rel=1e-12, why=f"{note}: FlopCounterMode counted {flops:,} FLOPs over {nbytes:,} "
                                                      "bytes of K and V; / not //")
@@ -160,7 +160,7 @@ def test_queries_to_reach_ridge_of_mha_and_odd_groups_in_float32():
               "9.56 FLOP/B")]
     for cfg, hw, why in cases:
         got = impl.queries_to_reach_ridge(cfg, hw, torch.float32)
-        call = call_str("queries_to_reach_ridge", shown(cfg), hw.name, torch.float32)
+        call = call_str("queries_to_reach_ridge", cfg, hw, torch.float32)
         want = next(s for s in range(1, 1000) if measured_intensity(cfg, torch.float32, s, 1, 1)[0]
                     >= hw.ridge_point(torch.float32))
         expect_equal(call, got, want, f"{why}: the first S whose measured FLOPs per byte of K and V reach the ridge")
