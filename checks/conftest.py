@@ -47,6 +47,13 @@ def run_suite(*args: str, cwd: Path = ROOT, mode: str | None = None, timeout: in
     return Run(result.returncode, result.output, result.tests)
 
 
+def run_kvkata(project: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m kvkata.cli ARGS` in a project copy, as a learner would run it (the learners' profile)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("KVKATA_MODE", "PYTEST_ADDOPTS")}
+    return subprocess.run([sys.executable, "-m", "kvkata.cli", *args], cwd=project, capture_output=True, text=True,
+                          env={**env, "PYTHONPATH": str(project), "HYPOTHESIS_PROFILE": "kata"}, timeout=timeout)
+
+
 def inprocess_pytest(*args: str, plugins=(), env: dict | None = None) -> tuple[int, str]:
     """pytest.main on the kata tests in THIS process; returns (exit code, terminal output).
 

@@ -13,16 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from checks.conftest import run_kvkata as kvkata
+
 from conftest import ROOT
 from kvkata import board, interview, manifest
 
 CARDS = manifest.cards()
-
-
-def kvkata(project: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("KVKATA_MODE", "PYTEST_ADDOPTS")}
-    return subprocess.run([sys.executable, "-m", "kvkata.cli", *args], cwd=project, capture_output=True, text=True,
-                          env={**env, "PYTHONPATH": str(project), "HYPOTHESIS_PROFILE": "kata"}, timeout=timeout)
 
 
 def flat(text: str) -> str:
