@@ -89,6 +89,46 @@ def test_sdpa_is_counted_as_attention_on_the_meta_device():
     assert cpu.total in (0, measured.total)
 
 
+def flop_counter_mode(fn, *args):
+    """PyTorch's own FlopCounterMode around fn(*args): total and per-op counts, no grad."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False, depth=0)
+    with torch.no_grad(), counter:
+        fn(*args)
+    return counter.get_total_flops(), {str(op): n for op, n in counter.get_flop_counts().get("Global", {}).items()}
+
+
+@given(cfg=CONFIGS, batch=BATCHES, n_cached=st.integers(0, 5), n_new=st.integers(1, 4))
+def test_kvrefs_counter_counts_what_flop_counter_mode_counts_op_by_op(cfg, batch, n_cached, n_new):
+    # kvref.opcount.MatmulFlops applies FlopCounterMode's formulas without FlopCounterMode (whose
+    # first use imports torch._dynamo). Both count the same step, on the CPU and on the meta device;
+    # each gets a fresh model and cache, since a step advances its cache.
+    def step(device):
+        pos = torch.arange(n_cached, n_cached + n_new, device=device)
+        if device == "meta":
+            caches = [ShapeOnlyCache(n_cached) for _ in range(cfg.n_layers)] if n_cached else None
+            return meta_model(cfg), torch.zeros(batch, n_new, dtype=torch.long, device="meta"), pos, caches
+        model, x = build_model(cfg), ids(cfg, batch, n_cached + n_new)
+        caches = model.new_caches("growing")
+        if n_cached:
+            with torch.no_grad():
+                model(x[:, :n_cached], torch.arange(n_cached), caches)
+        return model, x[:, n_cached:], pos, caches
+
+    for device in ("cpu", "meta"):
+        ours = flops_of(*step(device))
+        assert (ours.total, ours.by_op) == flop_counter_mode(*step(device)), device
+
+
+def test_kvrefs_counter_counts_sdpa_as_flop_counter_mode_does_on_both_devices():
+    q = torch.randn(2, 3, 5, 4)
+    for device in ("cpu", "meta"):
+        args = (q.to(device),) * 3
+        ours = flops_of(F.scaled_dot_product_attention, *args)
+        assert (ours.total, ours.by_op) == flop_counter_mode(F.scaled_dot_product_attention, *args)
+
+
 def test_flop_counting_takes_no_gradients():
     model = build_model(TINY)
     x = ids(TINY, 1, 3)

@@ -5,7 +5,8 @@ against a second copy of a formula:
 
 - K/V projection rows, counted by forward hooks during a real generation
   (`kv_rows_of_generation`, `kv_rows_per_forward`);
-- FLOPs, counted by PyTorch's `FlopCounterMode` on a real forward pass (`flops_of`,
+- FLOPs, counted as PyTorch's `FlopCounterMode` counts them (its formulas, applied by
+  `kvref.opcount.MatmulFlops`) on a real forward pass (`flops_of`,
   `generation_flops_measured`, `forward_flops_measured`, and `kv_recompute_flops_measured`:
   exactly the part of a forward pass that rebuilds every layer's K and V), split into the projections
   (`aten.mm`/`aten.addmm`: every `nn.Linear`, lm_head included) and the attention matmuls
@@ -15,7 +16,7 @@ against a second copy of a formula:
 
 Real presets (70B parameters) are measured on PyTorch's `meta` device: tensors with shapes,
 dtypes and `.nbytes` but no storage, so a Llama-2-70B forward pass costs no memory and
-FlopCounterMode still sees every matmul's shape. kvref's model runs unchanged there.
+the FLOP counter still sees every matmul's shape. kvref's model runs unchanged there.
 
 FlopCounterMode counts 2 FLOPs per multiply-add of matmul-like ops only: norms, RoPE,
 softmax, SiLU and the embedding lookup count zero. It counts what runs, so kvref's attention,
@@ -39,6 +40,7 @@ from torch.overrides import TorchFunctionMode
 from kvref.cache import StaticKVCache
 from kvref.config import ModelConfig
 from kvref.model import KVRowCount, Transformer, count_kv_rows
+from kvref.opcount import MatmulFlops
 
 PROJECTION_OPS = ("aten.mm", "aten.addmm")
 ATTENTION_OPS = ("aten.bmm", "aten.baddbmm", "aten._scaled_dot_product_efficient_attention",
@@ -84,7 +86,7 @@ def kv_rows_per_forward(model: Transformer, prompt: torch.Tensor, n_new: int,
 
 @dataclass(frozen=True)
 class FlopCount:
-    """FLOPs FlopCounterMode saw, in total and per aten op (2 FLOPs per multiply-add)."""
+    """FLOPs counted as FlopCounterMode counts them, in total and per aten op (2 FLOPs per multiply-add)."""
     total: int
     by_op: dict[str, int] = field(default_factory=dict)
 
@@ -100,16 +102,15 @@ class FlopCount:
 
 
 def flops_of(fn: Callable, *args, **kwargs) -> FlopCount:
-    """Run `fn(*args, **kwargs)` under FlopCounterMode (no grad) and return what it counted."""
-    # Imported here: torch.utils.flop_counter imports triton when it is installed, and the cards
-    # that only measure bytes should not pay for it (nor for torch._dynamo, which its first use imports).
-    from torch.utils.flop_counter import FlopCounterMode
+    """Run `fn(*args, **kwargs)` (no grad) and return the FLOPs FlopCounterMode would count.
 
-    counter = FlopCounterMode(display=False, depth=0)
+    Counted by `kvref.opcount.MatmulFlops`: PyTorch's FLOP formulas, applied as FlopCounterMode
+    applies them, without the torch._dynamo import (about 1 s) FlopCounterMode's first use costs.
+    """
+    counter = MatmulFlops()
     with torch.no_grad(), counter:
         fn(*args, **kwargs)
-    by_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
-    return FlopCount(int(counter.get_total_flops()), by_op)
+    return FlopCount(counter.total, dict(counter.by_op))
 
 
 def forward_flops_measured(model: Transformer, ids: torch.Tensor, input_pos: torch.Tensor | None = None,
@@ -141,7 +142,6 @@ class ShapeOnlyCache:
         return k_new.new_empty(B, Hkv, self.seq_len, D), v_new.new_empty(B, Hkv, self.seq_len, D)
 
 
-@lru_cache(maxsize=16)
 class _NoRandomFillOnMeta(TorchFunctionMode):
     """Skips `normal_` on meta tensors, which hold no values to fill.
 

@@ -1,10 +1,22 @@
-"""An instrument for the arithmetic FlopCounterMode does not see: elementwise multiplies and adds.
+"""Instruments that count the arithmetic a run executes, op by op, as it runs.
 
-FlopCounterMode counts matmuls, convolutions and attention kernels only; RoPE is elementwise.
-`ElementwiseOps` is a TorchDispatchMode that counts, for every aten mul, add, sub and div on a
-floating-point tensor, one operation per element of its output (x * cos on an `[B, H, S, D]`
-tensor: B·H·S·D multiplies). Negation, copies, casts, concatenation and indexing move or
-relabel data and count nothing; sin, cos and exp are tallied apart, as transcendentals.
+- `MatmulFlops` counts what PyTorch's `FlopCounterMode` counts: each aten op that has a FLOP
+  formula in `torch.utils.flop_counter` (mm, addmm, bmm, baddbmm, convolutions, the attention
+  kernels) is charged by that formula (2 FLOPs per multiply-add of its real shapes), and an op
+  that has a decomposition is counted as the ops it decomposes into, as FlopCounterMode does
+  (so SDPA on the meta device is counted as its matmuls). The formulas are PyTorch's, not ours; `checks/test_kvref_measure.py`
+  proves that both instruments give the same count, op by op, on kvref's models.
+- `ElementwiseOps` counts what FlopCounterMode does not see: for every aten mul, add, sub and
+  div on a floating-point tensor, one operation per element of its output (x * cos on an
+  `[B, H, S, D]` tensor: B·H·S·D multiplies). Negation, copies, casts, concatenation and indexing
+  move or relabel data and count nothing; sin, cos and exp are tallied apart, as transcendentals.
+
+Both are `InstrumentMode`s: TorchDispatchModes that opt out of the torch._dynamo wrapper PyTorch
+(2.13) puts around every mode's `__torch_dispatch__`. That wrapper imports torch._dynamo on a
+mode's first op, about 1 s on a CPU: FlopCounterMode pays it, and it was the largest part of
+each FLOP-counting card's run. kvref never compiles, so the wrapper would guard nothing. (Ops on
+the meta device still import torch._dynamo: PyTorch's meta kernels for pow, mean, rsqrt and
+others are Python references wrapped the same way.)
 """
 
 from __future__ import annotations
@@ -20,7 +32,51 @@ ARITHMETIC = {aten.mul: "mul", aten.add: "add", aten.sub: "sub", aten.div: "div"
 TRANSCENDENTAL = {aten.sin: "sin", aten.cos: "cos", aten.exp: "exp", aten.pow: "pow"}
 
 
-class ElementwiseOps(TorchDispatchMode):
+class InstrumentMode(TorchDispatchMode):
+    """A TorchDispatchMode whose `__torch_dispatch__` is not wrapped in `torch._dynamo.disable`.
+
+    `_should_skip_dynamo` is PyTorch's documented switch for this (see TorchDispatchMode); on a
+    torch without it, the override does nothing and the first op only costs the import.
+    """
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False
+
+
+class MatmulFlops(InstrumentMode):
+    """FLOPs by PyTorch's FLOP formulas (FlopCounterMode's) while active: `.total` and `.by_op`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Imported here: torch.utils.flop_counter imports triton where it is installed, and the
+        # cards that only measure bytes should not pay for it.
+        from torch.utils.flop_counter import FlopCounterMode
+
+        self.formulas = FlopCounterMode(display=False).flop_registry
+        self.by_op: Counter[str] = Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_op.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        # As FlopCounterMode does: an op with a decomposition is counted as the ops it decomposes
+        # into (SDPA on the meta device: its matmuls); the others run and meet their formula.
+        if func is not torch.ops.prim.device.default:
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
+        formula = self.formulas.get(func.overloadpacket)
+        if formula is not None:
+            self.by_op[str(func.overloadpacket)] += int(formula(*args, **kwargs, out_val=out))
+        return out
+
+
+class ElementwiseOps(InstrumentMode):
     """Counts elementwise arithmetic on floating tensors while active: `.flops` (mul + add + sub + div)."""
 
     def __init__(self) -> None:

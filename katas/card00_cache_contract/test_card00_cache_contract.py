@@ -33,10 +33,10 @@ from kvkata.check import (Mismatch, call_str, expect, expect_close, expect_equal
 from kvref.cache import GrowingKVCache as RefGrowingKVCache
 from kvref.config import ModelConfig
 from kvref.model import Transformer, build_model
+from kvref.opcount import InstrumentMode
 from kvref.strategies import attention_shapes, model_configs
 from kvref.weight_quant import quantize_weights_int8, weight_bytes
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 impl = kvkata.load("card00_cache_contract.cache")
 
@@ -408,7 +408,7 @@ class _RefuseHostReadCalls(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-class _RefuseHostReadKernels(TorchDispatchMode):
+class _RefuseHostReadKernels(InstrumentMode):  # a TorchDispatchMode that does not import torch._dynamo
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket)
         if name in HOST_READ_KERNELS:
