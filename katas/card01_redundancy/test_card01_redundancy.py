@@ -3,7 +3,8 @@
 Every count is checked against what kvref measures on a real run, never against a second
 copy of the formula: K/V projection rows counted by forward hooks on the projections
 (kvref.model.count_kv_rows, through kvref.measure) and FLOPs counted by PyTorch's
-FlopCounterMode. The draws include several layers, batches above one and fewer KV heads than
+FlopCounterMode formulas (kvref.opcount.MatmulFlops applies them op by op as the model runs;
+checks/test_kvref_measure.py proves it counts what FlopCounterMode counts). The draws include several layers, batches above one and fewer KV heads than
 query heads, so forgetting V, a layer, a sequence or the GQA ratio changes the number.
 """
 
@@ -46,7 +47,7 @@ def prompt_ids(cfg, batch, length, seed=0):
 
 
 def split(measured) -> str:
-    return (f"FlopCounterMode counted {measured.total:,} = {measured.projections:,} in the nn.Linear matmuls "
+    return (f"FlopCounterMode's formulas counted {measured.total:,} = {measured.projections:,} in the nn.Linear matmuls "
             f"+ {measured.attention:,} in the attention matmuls")
 
 

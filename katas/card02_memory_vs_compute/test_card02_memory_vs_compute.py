@@ -2,7 +2,7 @@
 
 Bytes are checked against `.nbytes` of real caches and weights: filled by a real prefill for
 small configs, allocated on the meta device (shapes and dtypes, no storage) for real presets.
-The roofline's inputs are measured too: FLOPs by FlopCounterMode on kvref's forward pass, bytes
+The roofline's inputs are measured too: FLOPs by FlopCounterMode's formulas on kvref's forward pass, bytes
 by `.nbytes` of the weight matrices and cache entries. What cannot be measured (a GPU's time)
 is tested by the laws a roofline must obey: units, monotonicity, scaling, limits, and worked
 numbers. Draws of real models respect their context length and the device's memory.
@@ -70,7 +70,7 @@ def with_peak(hw: Hardware, dtype: torch.dtype) -> st.SearchStrategy:
 
 
 def measured_step(cfg, batch, seq_len, dtype, use_cache):
-    """FLOPs (FlopCounterMode) and bytes (.nbytes) of one decode step after seq_len tokens."""
+    """FLOPs (FlopCounterMode's formulas) and bytes (.nbytes) of one decode step after seq_len tokens."""
     weights = weight_bytes_read(meta_model(cfg, dtype))
     if use_cache:
         flops = step_flops_measured(cfg, batch, 1, seq_len).total
@@ -235,7 +235,7 @@ def test_roofline_step_time_is_the_roofline_of_measured_flops_and_bytes(draw):
     want = roofline(flops, bytes_, hw, dtype)
     expect_real(call_str("roofline_step_time", shown(cfg), shown(hw), batch, seq_len, dtype, use_cache), got, want,
                 why=f"{want:.6g} s = max({flops:,} FLOPs / {hw.peak_flops(dtype):.4g} FLOP/s in {dtype}, "
-                    f"{bytes_:,} B / {hw.mem_bandwidth:.4g} B/s): FLOPs counted by FlopCounterMode, bytes by .nbytes of "
+                    f"{bytes_:,} B / {hw.mem_bandwidth:.4g} B/s): FLOPs counted by FlopCounterMode's formulas, bytes by .nbytes of "
                     "the weight matrices" + (" and of the cache entries read and written" if use_cache else " (no cache)"))
 
 
@@ -250,7 +250,7 @@ def test_roofline_step_time_uses_the_peak_of_the_dtype_it_computes_in():
         want = roofline(flops, weight_bytes_read(meta_model(cfg, torch.bfloat16)) // 2 * dtype.itemsize, H100_SXM, dtype)
         expect_real(call_str("roofline_step_time", preset("llama-3-8b"), H100_SXM, 1, 2047, dtype,
                              False), got, want,
-                    why=f"{flops:,} FLOPs (FlopCounterMode) at the H100's dense {dtype} peak, "
+                    why=f"{flops:,} FLOPs (FlopCounterMode's formulas) at the H100's dense {dtype} peak, "
                         f"{H100_SXM.peak_flops(dtype) / 1e12:.4g} TFLOP/s (fp32 matmuls do not use TF32 by default)")
 
 
@@ -444,7 +444,7 @@ def test_recompute_to_read_ratio_matches_measured_flops_and_cache_bytes(cfg, hw,
     read = kv_cache_bytes_measured(cfg, 1, seq_len, dtype)
     want = (recompute / hw.peak_flops(dtype)) / (read / hw.mem_bandwidth)
     expect_real(call_str("recompute_to_read_ratio", shown(cfg), shown(hw), seq_len, dtype), got, want,
-                why=f"{want:.6g} = ({recompute:,} FLOPs (FlopCounterMode) in the nn.Linear matmuls that rebuild every "
+                why=f"{want:.6g} = ({recompute:,} FLOPs (FlopCounterMode's formulas) in the nn.Linear matmuls that rebuild every "
                     f"layer's K and V for {plural(seq_len, 'token')}: every layer below the last, then the last one's k and "
                     f"v projections, no lm_head / {hw.peak_flops(dtype):.4g} FLOP/s) / ({read:,} B of their cache "
                     f"(.nbytes) / {hw.mem_bandwidth:.4g} B/s)")

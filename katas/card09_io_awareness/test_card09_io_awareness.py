@@ -1,6 +1,6 @@
 """card09: IO-awareness.
 
-The intensity katas are checked against measurement: FLOPs counted by FlopCounterMode on kvref's
+The intensity katas are checked against measurement: FLOPs counted by FlopCounterMode's formulas on kvref's
 attention over real tensors, bytes by `.nbytes` of K and V allocated in the cache's dtype. The
 merge is checked against PyTorch's scaled_dot_product_attention over every key at once, with the
 partials computed here from the definition (float64), splits drawn ragged and sometimes empty.
@@ -33,7 +33,7 @@ MEASURED = settings(max_examples=min(settings().max_examples, 40))
 def measured_intensity(cfg: ModelConfig, dtype: torch.dtype, S: int = 1, T: int = 5, B: int = 1) -> tuple[float, int, int]:
     """(FLOPs / bytes, FLOPs, bytes) of one layer's attention for S queries over T cached keys, measured.
 
-    FLOPs: FlopCounterMode over kvref.attention on float32 tensors (the count does not depend on
+    FLOPs: FlopCounterMode's formulas over kvref.attention on float32 tensors (the count does not depend on
     the dtype). Bytes: `.nbytes` of K and V allocated in `dtype`, the cache the step reads.
     """
     H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -58,7 +58,7 @@ def test_decode_attention_intensity_equals_counted_flops_over_the_bytes_of_k_and
     got = impl.decode_attention_intensity(cfg, dtype)
     want, flops, nbytes = measured_intensity(cfg, dtype, 1, T, B)
     expect_real(call_str("decode_attention_intensity", cfg, dtype), got, want, rel=1e-12,
-                why=f"FlopCounterMode counted {flops:,} FLOPs of q·kᵀ and p·v for {B} x {cfg.n_heads} query heads over "
+                why=f"FlopCounterMode's formulas counted {flops:,} FLOPs of q·kᵀ and p·v for {B} x {cfg.n_heads} query heads over "
                     f"{T} keys; K and V in {dtype}, [{B}, {cfg.n_kv_heads}, {T}, {cfg.head_dim}] each, have an "
                     f".nbytes of {nbytes:,} together")
 
@@ -98,7 +98,7 @@ def test_decode_attention_intensity_of_mha_and_odd_groups_is_a_float_fraction():
         got = impl.decode_attention_intensity(cfg, dtype)
         call = call_str("decode_attention_intensity", cfg, dtype)
         want, flops, nbytes = measured_intensity(cfg, dtype, 1, 6, 1)
-        expect_real(call, got, want, rel=1e-12, why=f"{note}: FlopCounterMode counted {flops:,} FLOPs over {nbytes:,} "
+        expect_real(call, got, want, rel=1e-12, why=f"{note}: FlopCounterMode's formulas counted {flops:,} FLOPs over {nbytes:,} "
                                                      "bytes of K and V; / not //")
         expect(isinstance(got, float), call, got, f"a Python float ({note}): no int() of a whole ratio")
 
@@ -124,7 +124,7 @@ def test_queries_to_reach_ridge_is_the_first_count_whose_measured_intensity_reac
     ridge = hw.ridge_point(dtype)
     at, flops, nbytes = measured_intensity(cfg, dtype, got, 2, 1)
     expect(at >= ridge, call, got,
-           f"a count that reaches the ridge: with {got} queries over the same K and V, FlopCounterMode counts {flops:,} "
+           f"a count that reaches the ridge: with {got} queries over the same K and V, FlopCounterMode's formulas count {flops:,} "
            f"FLOPs over {nbytes:,} bytes of K and V = {at:.4g} FLOP/B, below {hw.name}'s ridge point in {dtype}, "
            f"{ridge:.4g} FLOP/B")
     if got > 1:

@@ -1,7 +1,7 @@
 """card11: power and cost modeling.
 
 Joules and dollars cannot be measured on this machine, but what they are made of can: a decode
-step's FLOPs (FlopCounterMode on kvref's model) and bytes (`.nbytes` of the weight matrices and of
+step's FLOPs (FlopCounterMode's formulas on kvref's model) and bytes (`.nbytes` of the weight matrices and of
 the K/V the step reads and writes), on small configs; on real presets the bytes are measured the
 same way (meta device) and the FLOPs are kvref.roofline's count, which checks/test_kvref_roofline.py
 matches to FlopCounterMode (counting an 80-layer model here would cost seconds per test). Energy is
@@ -60,7 +60,7 @@ def small_configs(draw) -> ModelConfig:
 
 @functools.cache  # the same configs come back across examples and tests: count each step once
 def step_flops(cfg, batch, n_new, n_cached):
-    """FlopCounterMode's count on kvref's model for small configs; kvref.roofline's (checked against it) for presets."""
+    """FlopCounterMode's formulas' count on kvref's model for small configs; kvref.roofline's (checked against it) for presets."""
     if cfg.name:
         return kvref_forward_flops(cfg, batch, n_new, n_cached)
     return step_flops_measured(cfg, batch, n_new, n_cached).total
@@ -196,7 +196,7 @@ def test_compute_energy_per_token_is_the_measured_flops_as_multiply_adds_at_pj_e
     flops = step_flops(cfg, batch, 1, seq_len)  # a decode step's FLOPs, as measured_step counts them
     want = flops / 2 * costs.pj_per_fma * 1e-12 / batch
     expect_real(call_str("compute_energy_per_token", shown(cfg), batch, seq_len, dtype, shown(costs)), got, want,
-                why=f"{want:.6g} J: {flops:,} FLOPs (FlopCounterMode on the step) are {flops // 2:,} multiply-adds "
+                why=f"{want:.6g} J: {flops:,} FLOPs (FlopCounterMode's formulas on the step) are {flops // 2:,} multiply-adds "
                     f"x {costs.pj_per_fma:g} pJ, over the {batch} tokens the step generates" + ratio_hint(got, want))
 
 

@@ -5,10 +5,10 @@ Every answer is compared with a measurement on real tensors:
   MLA model (kvref.mla, checked against transformers' DeepseekV3 in checks/) or allocated on
   the meta device for the DeepSeek presets, and with kvref's ordinary caches for the GQA presets;
 - absorbed scores with the scores of a naive MLA that expands every head's key from the latent,
-  and with the output of a real MLA layer computed from them; their FLOPs with FlopCounterMode;
+  and with the output of a real MLA layer computed from them; their FLOPs with FlopCounterMode's formulas;
 - the rank-r error with ‖K - K_r‖_F measured on keys (a kvref model's cached keys, synthetic keys
   with a decaying spectrum and outlier channels) truncated by SVD;
-- the recompute bill with FlopCounterMode while kvref rebuilds the uncached layers' K/V of its
+- the recompute bill with FlopCounterMode's formulas while kvref rebuilds the uncached layers' K/V of its
   model (checks/ shows that the rebuilt K/V give the logits of a fully cached decode).
 """
 
@@ -205,13 +205,13 @@ def test_mla_absorbed_scores_of_one_new_token_cost_no_more_flops_than_the_absorb
     """At decode (S = 1) over T = 64 cached latents, expanding every key costs ~10x more than absorbing."""
     H, T = 8, 64
     inputs = score_inputs(B=1, H=H, S=1, T=T, D=16, C=8, Dr=4, seed=5)
-    with LargestTensor() as seen:  # first, before FlopCounterMode starts: a stub fails at once
+    with LargestTensor() as seen:  # first, before the FLOP count starts: a stub fails at once
         impl.mla_absorbed_scores(*inputs)
     got = flops_of(impl.mla_absorbed_scores, *inputs).total
     absorbed = flops_of(mla_scores_absorbed, *inputs).total
     naive = flops_of(mla_scores_naive, *inputs).total
     expect(got <= absorbed, call_str("mla_absorbed_scores", *inputs), Shown(f"after {got:,} FLOPs"),
-           f"at most the {absorbed:,} FLOPs (FlopCounterMode) of the absorbed form: w_uk moved onto the {H} "
+           f"at most the {absorbed:,} FLOPs (FlopCounterMode's formulas) of the absorbed form: w_uk moved onto the {H} "
            f"queries (2·H·D·C) then scores against the {T} latents and RoPE keys (2·H·T·(C + Dr)); "
            f"expanding every key first costs {naive:,}")
     # FlopCounterMode counts matmuls only: keys expanded by broadcasting (w_uk[None, :, None] * latent[..., None])
@@ -302,7 +302,7 @@ def _bill_why(cfg, cached, n_past, measured):
              if uncached else "nothing: every layer is cached")
     if len(uncached) > 4 and uncached == list(range(uncached[0], uncached[-1] + 1)):
         uncached = f"{uncached[0]}..{uncached[-1]}"
-    return (f"FlopCounterMode counted {measured:,} FLOPs while kvref rebuilt the K/V of uncached layers {uncached} "
+    return (f"FlopCounterMode's formulas counted {measured:,} FLOPs while kvref rebuilt the K/V of uncached layers {uncached} "
             f"for {plural(n_past, 'past token')} ({where})")
 
 
