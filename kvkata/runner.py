@@ -11,6 +11,7 @@ Both functions run pytest with `--kvkata-json` and return a `Result` holding the
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -74,6 +75,9 @@ def preload(extra: tuple[str, ...] = ()) -> None:
             __import__(name)
         except Exception:  # noqa: BLE001 - optional, or failing for a reason the run will report
             pass
+    # All of it lives as long as this process: frozen, no garbage collection in a forked child walks it
+    # again (nor touches its pages, which the child then shares with this process instead of copying).
+    gc.freeze()
 
 
 def run_forked(args: list[str], *, cwd: Path | None = None, env: dict | None = None, timeout: float | None = None,
