@@ -1,19 +1,21 @@
 """The kata tests judge behaviour, not one design: correct alternatives pass, plausible wrong answers fail.
 
 Each check runs a card's tests in solutions mode, in this process (pytest.main, with kvkata's plugin
-and the learners' hypothesis profile), with the solution module swapped in sys.modules: by a
-correct alternative from checks/alternatives/ (every test of the card must pass), or by the
-solution with one plausible wrong answer edited in (the tests written to catch that answer must
-fail). Nothing is copied and no process is started: the real tree is never touched.
+and the learners' hypothesis profile), with one solution module swapped in sys.modules:
+- by a correct alternative from checks/alternatives/ (a module that says which solution it
+  `REPLACES`): every test of the card must pass;
+- by the solution with one plausible wrong answer edited in, from the card's registry in
+  checks/wrong_answers/: the tests written to catch that answer must fail.
+Nothing is copied and no process is started: the real tree is never touched.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib
 import importlib.util
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,176 +23,105 @@ import pytest
 from conftest import ROOT, Run, inprocess_pytest
 
 ALTERNATIVES = Path(__file__).resolve().parent / "alternatives"
-CARD00_SOLUTION = Path("solutions/card00_cache_contract/cache.py")
-CARD00_TESTS = ROOT / "katas/card00_cache_contract/test_card00_cache_contract.py"
+REGISTRIES = sorted((Path(__file__).resolve().parent / "wrong_answers").glob("card*.py"))
 
 
-def card_test_names(path: Path) -> set[str]:
-    return {node.name for node in ast.parse(path.read_text()).body
+def card_dir(solution: str) -> str:
+    """"solutions/card00_cache_contract/cache.py" -> "card00_cache_contract"."""
+    return Path(solution).parts[1]
+
+
+def card_test_names(card: str) -> set[str]:
+    """Every test function of a card (all its test modules)."""
+    return {node.name for path in (ROOT / "katas" / card).glob("test_*.py") for node in ast.parse(path.read_text()).body
             if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")}
 
 
-SOLUTION_MODULE = "solutions.card00_cache_contract.cache"
-TESTS_MODULE = "katas.card00_cache_contract.test_card00_cache_contract"
-
-
-def run_card00(monkeypatch, tmp_path: Path, source: str, *args: str) -> Run:
-    """card00's tests in solutions mode, in this process, against `source` as the solution's cache.py."""
-    path = tmp_path / "cache.py"
+def run_card(monkeypatch, tmp_path: Path, solution: str, source: str, *args: str) -> Run:
+    """A card's tests in solutions mode, in this process, with `source` as the solution module `solution`."""
+    card = card_dir(solution)
+    module_name = ".".join(Path(solution).with_suffix("").parts)
+    path = tmp_path / Path(solution).name
     path.write_text(source)
-    spec = importlib.util.spec_from_file_location(SOLUTION_MODULE, path)
+    spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, SOLUTION_MODULE, module)
+    monkeypatch.setitem(sys.modules, module_name, module)
     spec.loader.exec_module(module)
-    # The test module afresh, so that its hypothesis tests take the learners' profile as they import.
-    monkeypatch.delitem(sys.modules, TESTS_MODULE, raising=False)
+    # The card's test modules afresh, so that their hypothesis tests take the learners' profile as they import.
+    for name in [n for n in sys.modules if n.startswith(f"katas.{card}.test_")]:
+        monkeypatch.delitem(sys.modules, name)
     report = tmp_path / "run.json"
-    code, output = inprocess_pytest(str(CARD00_TESTS.parent), "--solutions", f"--kvkata-json={report}", *args,
+    code, output = inprocess_pytest(str(ROOT / "katas" / card), "--solutions", f"--kvkata-json={report}", *args,
                                     env={"HYPOTHESIS_PROFILE": "kata"})
-    assert getattr(sys.modules.get(SOLUTION_MODULE), "__file__", None) == str(path), "the swap did not hold"
+    assert getattr(sys.modules.get(module_name), "__file__", None) == str(path), "the swap did not hold"
     tests = json.loads(report.read_text())["tests"] if report.exists() else {}
     return Run(code, output, tests)
 
 
 def outcomes(run) -> dict[str, str]:
-    """Test function name -> outcome (a hypothesis test is one test)."""
-    return {nodeid.split("::")[-1].split("[")[0]: result["outcome"] for nodeid, result in run.tests.items()}
+    """Test function name -> outcome (a hypothesis test is one test; a parametrized test's worst case)."""
+    got: dict[str, str] = {}
+    for nodeid, result in run.tests.items():
+        name = nodeid.split("::")[-1].split("[")[0]
+        if got.get(name) != "failed":
+            got[name] = result["outcome"]
+    return got
 
 
 # --- correct alternatives pass ---------------------------------------------------------------
 
-def test_a_list_backed_growing_cache_and_an_index_copy_static_cache_pass_every_card00_test(monkeypatch, tmp_path):
-    run = run_card00(monkeypatch, tmp_path, (ALTERNATIVES / "card00_cache.py").read_text(), "-k", "card00")
+def alternatives() -> list[tuple[str, Path]]:
+    """(the solution module replaced, the alternative) for every alternative that says what it replaces."""
+    found = []
+    for path in sorted(ALTERNATIVES.glob("card*.py")):
+        replaces = next((node.value.value for node in ast.parse(path.read_text()).body
+                         if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["REPLACES"]),
+                        None)
+        if replaces is not None:
+            found.append((replaces, path))
+    return found
+
+
+@pytest.mark.parametrize("solution,alternative", alternatives(), ids=lambda x: Path(x).stem)
+def test_a_correct_alternative_passes_every_test_of_its_card(monkeypatch, tmp_path, solution, alternative):
+    card = card_dir(solution)
+    run = run_card(monkeypatch, tmp_path, solution, alternative.read_text(), "-k", card[:6])
     got = outcomes(run)
-    assert set(got) == card_test_names(CARD00_TESTS), run.output[-3000:]
+    assert set(got) == card_test_names(card), run.output[-3000:]
     not_passed = {name: outcome for name, outcome in got.items() if outcome != "passed"}
     assert run.returncode == 0 and not not_passed, f"{not_passed}\n{run.output[-3000:]}"
 
 
 # --- plausible wrong answers fail ------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Wrong:
-    """The solution with `old` replaced by `new`; each test in `caught_by` must fail."""
-    id: str
-    old: str
-    new: str
-    caught_by: tuple[str, ...]
+def wrong_answers() -> list:
+    params = []
+    for path in REGISTRIES:
+        registry = importlib.import_module(f"wrong_answers.{path.stem}")
+        for wrong in registry.WRONG:
+            params.append(pytest.param(wrong.module or registry.SOLUTION, wrong, id=f"{path.stem}-{wrong.id}"))
+    return params
 
 
-CARD00_WRONG = [
-    Wrong("softmax-without-the-row-max",
-          "return torch.softmax(scores, dim=-1) @ v",
-          "return (scores.exp() / scores.exp().sum(dim=-1, keepdim=True)) @ v",
-          ("test_attend_stays_exact_when_scores_reach_the_hundreds",)),
-    Wrong("softmax-over-the-queries",
-          "return torch.softmax(scores, dim=-1) @ v",
-          "return torch.softmax(scores, dim=-2).nan_to_num() @ v",
-          ("test_attend_over_a_whole_prompt_matches_causal_sdpa", "test_attend_a_chunk_of_queries_sits_at_the_last_positions")),
-    Wrong("no-1/sqrt(D)",
-          "scores = q @ k.transpose(-2, -1) / math.sqrt(D)",
-          "scores = q @ k.transpose(-2, -1)",
-          ("test_attend_over_a_whole_prompt_matches_causal_sdpa", "test_attend_one_decode_query_reads_every_cached_position")),
-    Wrong("scale-by-sqrt(H*D)",
-          "scores = q @ k.transpose(-2, -1) / math.sqrt(D)",
-          "scores = q @ k.transpose(-2, -1) / math.sqrt(H * D)",
-          ("test_attend_over_a_whole_prompt_matches_causal_sdpa", "test_attend_one_decode_query_reads_every_cached_position")),
-    Wrong("plain-tril-for-a-chunk",
-          "input_pos = torch.arange(T - S, T, device=q.device)",
-          "input_pos = torch.arange(S, device=q.device)",
-          ("test_attend_a_chunk_of_queries_sits_at_the_last_positions", "test_attend_one_decode_query_reads_every_cached_position")),
-    Wrong("attend-ignores-input_pos",
-          "    if input_pos is None:\n        input_pos = torch.arange(T - S, T, device=q.device)",
-          "    input_pos = torch.arange(T - S, T, device=q.device)",
-          ("test_attend_over_a_static_buffer_masks_by_the_query_positions",)),
-    Wrong("attend-sorts-the-query-positions",
-          "q_pos = input_pos[:, None]",
-          "q_pos = input_pos.sort().values[:, None]",
-          ("test_attend_over_a_static_buffer_masks_by_the_query_positions",)),
-    Wrong("repeat-instead-of-repeat_interleave",
-          "return x.repeat_interleave(G, dim=1)",
-          "return x.repeat(1, G, 1, 1)",
-          ("test_repeat_kv_gives_query_head_h_the_kv_head_h_over_G",
-           "test_attention_over_repeated_kv_matches_sdpa_with_enable_gqa")),
-    Wrong("growing-cache-length-from-the-wrong-axis",
-          "return 0 if self.k is None else self.k.shape[2]",
-          "return 0 if self.k is None else self.k.shape[-1]",
-          ("test_growing_cache_update_returns_everything_cached_in_order",
-           "test_growing_cache_grows_by_one_position_per_generated_token_in_every_layer")),
-    Wrong("static-cache-running-max",
-          "self.end = input_pos.max() + 1",
-          "self.end = input_pos.max() + 1 if self.end is None else torch.maximum(self.end, input_pos.max() + 1)",
-          ("test_static_cache_rewriting_earlier_positions_rolls_back_to_the_last_one_written",
-           "test_static_cache_rolled_back_in_a_model_gives_the_logits_of_the_new_sequence")),
-    Wrong("static-cache-seq_len-plus-S",
-          "self.end = input_pos.max() + 1",
-          "self.end = torch.tensor(input_pos.numel()) + (0 if self.end is None else self.end)",
-          ("test_static_cache_rewriting_earlier_positions_rolls_back_to_the_last_one_written",
-           "test_static_cache_rolled_back_in_a_model_gives_the_logits_of_the_new_sequence")),
-    Wrong("static-cache-length-read-on-the-host",
-          "self.end = input_pos.max() + 1",
-          "self.end = int(input_pos.max()) + 1",
-          ("test_static_cache_update_reads_no_tensor_value_back_to_the_host",)),
-    Wrong("static-cache-appends-whatever-input_pos-says",
-          "self.k[:, :, input_pos] = k_new",
-          "input_pos = torch.arange(self.seq_len, self.seq_len + k_new.shape[2])\n        self.k[:, :, input_pos] = k_new",
-          ("test_static_cache_rewriting_earlier_positions_rolls_back_to_the_last_one_written",
-           "test_static_cache_rolled_back_in_a_model_gives_the_logits_of_the_new_sequence",
-           "test_static_cache_update_reads_no_tensor_value_back_to_the_host")),
-    Wrong("static-cache-writes-one-slice-from-the-first-position",
-          "self.k[:, :, input_pos] = k_new  # (B, Hkv, S, D): entry i into slot input_pos[i]",
-          "input_pos = input_pos[0] + torch.arange(k_new.shape[2])\n        self.k[:, :, input_pos] = k_new",
-          ("test_static_cache_writes_positions_given_in_any_order",)),
-    Wrong("static-cache-writes-one-slice-from-the-smallest-position",
-          "self.k[:, :, input_pos] = k_new  # (B, Hkv, S, D): entry i into slot input_pos[i]",
-          "input_pos = input_pos.min() + torch.arange(k_new.shape[2])\n        self.k[:, :, input_pos] = k_new",
-          ("test_static_cache_writes_positions_given_in_any_order",)),
-    Wrong("static-cache-skips-positions-already-written",
-          "self.k[:, :, input_pos] = k_new  # (B, Hkv, S, D): entry i into slot input_pos[i]\n        self.v[:, :, input_pos] = v_new",
-          "fresh = input_pos >= self.seq_len\n        self.k[:, :, input_pos[fresh]] = k_new[:, :, fresh]\n"
-          "        self.v[:, :, input_pos[fresh]] = v_new[:, :, fresh]",
-          ("test_static_cache_rewriting_earlier_positions_rolls_back_to_the_last_one_written",
-           "test_static_cache_rolled_back_in_a_model_gives_the_logits_of_the_new_sequence",
-           "test_static_cache_update_reads_no_tensor_value_back_to_the_host")),
-    Wrong("static-cache-returns-the-filled-prefix",
-          "return self.k, self.v  # (B, Hkv, max_seq_len, D)",
-          "return self.k[:, :, : self.end], self.v[:, :, : self.end]  # (B, Hkv, max_seq_len, D)",
-          ("test_static_cache_writes_by_position_into_one_allocation",
-           "test_static_cache_update_reads_no_tensor_value_back_to_the_host")),
-    Wrong("static-cache-returns-a-fresh-copy",
-          "return self.k, self.v  # (B, Hkv, max_seq_len, D)",
-          "return self.k.clone(), self.v.clone()  # (B, Hkv, max_seq_len, D)",
-          ("test_static_cache_writes_by_position_into_one_allocation",)),
-    Wrong("static-cache-ignores-the-dtype",
-          "self.k = torch.zeros(batch, n_kv_heads, max_seq_len, head_dim, dtype=dtype)",
-          "self.k = torch.zeros(batch, n_kv_heads, max_seq_len, head_dim)",
-          ("test_static_cache_writes_by_position_into_one_allocation",)),
-    Wrong("prefill-returns-the-first-position",
-          "return model(ids, input_pos, caches)[:, -1]\n\n\ndef decode_step",
-          "return model(ids, input_pos, caches)[:, 0]\n\n\ndef decode_step",
-          ("test_prefill_writes_every_prompt_position_and_returns_the_last_logits",)),
-    Wrong("prefill-positions-from-1",
-          "input_pos = torch.arange(ids.shape[1], device=ids.device)",
-          "input_pos = torch.arange(1, ids.shape[1] + 1, device=ids.device)",
-          ("test_prefill_writes_every_prompt_position_and_returns_the_last_logits",)),
-    Wrong("decode-at-T-minus-1",
-          "input_pos = torch.tensor([caches[0].seq_len], device=ids.device)",
-          "input_pos = torch.tensor([caches[0].seq_len - 1], device=ids.device)",
-          ("test_cached_decode_matches_full_recompute", "test_decode_step_appends_exactly_one_position_per_layer")),
-    Wrong("decode-at-T-plus-1",
-          "input_pos = torch.tensor([caches[0].seq_len], device=ids.device)",
-          "input_pos = torch.tensor([caches[0].seq_len + 1], device=ids.device)",
-          ("test_cached_decode_matches_full_recompute", "test_decode_step_appends_exactly_one_position_per_layer")),
-]
-
-
-@pytest.mark.parametrize("wrong", CARD00_WRONG, ids=[w.id for w in CARD00_WRONG])
-def test_a_plausible_wrong_card00_answer_fails_the_tests_written_to_catch_it(monkeypatch, tmp_path, wrong):
-    text = (ROOT / CARD00_SOLUTION).read_text()
-    assert text.count(wrong.old) == 1, f"the solution no longer contains {wrong.old!r}: update this check"
-    assert set(wrong.caught_by) <= card_test_names(CARD00_TESTS), "a test named here no longer exists"
-    run = run_card00(monkeypatch, tmp_path, text.replace(wrong.old, wrong.new),
-                     "-k", f"card00 and ({' or '.join(wrong.caught_by)})")
+@pytest.mark.parametrize("solution,wrong", wrong_answers())
+def test_a_plausible_wrong_answer_fails_the_tests_written_to_catch_it(monkeypatch, tmp_path, solution, wrong):
+    text = (ROOT / solution).read_text()
+    assert text.count(wrong.old) == 1, f"{solution} no longer contains {wrong.old!r} exactly once: update the registry"
+    card = card_dir(solution)
+    assert set(wrong.caught_by) <= card_test_names(card), "a test named in the registry no longer exists"
+    run = run_card(monkeypatch, tmp_path, solution, text.replace(wrong.old, wrong.new),
+                   "-k", f"{card[:6]} and ({' or '.join(wrong.caught_by)})")
     got = outcomes(run)
     survived = {name: got.get(name, "not run") for name in wrong.caught_by if got.get(name) != "failed"}
     assert not survived, f"{wrong.id} was not caught: {survived}\n{run.output[-3000:]}"
+
+
+def test_every_registry_names_a_solution_module_and_unique_ids():
+    assert REGISTRIES, "no registry of wrong answers found"
+    for path in REGISTRIES:
+        registry = importlib.import_module(f"wrong_answers.{path.stem}")
+        assert (ROOT / registry.SOLUTION).is_file(), f"{path.name}: {registry.SOLUTION} does not exist"
+        assert card_dir(registry.SOLUTION).startswith(path.stem), f"{path.name} edits another card's solution"
+        ids = [w.id for w in registry.WRONG]
+        assert len(ids) == len(set(ids)), f"{path.name}: duplicate ids"
+        assert all(w.caught_by for w in registry.WRONG), f"{path.name}: a wrong answer names no test to catch it"

@@ -1,8 +1,8 @@
 """A correct alternative to solutions/card00_cache_contract/cache.py: the same katas, other designs.
 
-checks/test_alternatives.py puts this module in place of the solution in a scratch copy of the
-project and requires every card00 test to pass: the tests must accept any design that meets the
-docstrings, not only the one the solution chose. Here the growing cache keeps lists of chunks
+checks/test_alternatives.py puts this module in place of the solution (`REPLACES`) and requires
+every card00 test to pass: the tests must accept any design that meets the docstrings, not only
+the one the solution chose. Here the growing cache keeps lists of chunks
 and exposes `k` and `v` as properties; the static cache writes with `index_copy_` and computes
 its length only when asked; `repeat_kv` expands a view and reshapes; `attend` adds a float mask
 and writes its (stable) softmax by hand.
@@ -14,6 +14,8 @@ D head dim. The cache layout is `[B, Hkv, T, D]`.
 from __future__ import annotations
 
 import torch
+
+REPLACES = "solutions/card00_cache_contract/cache.py"
 
 
 def repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
