@@ -47,6 +47,21 @@ def measured_intensity(cfg: ModelConfig, dtype: torch.dtype, S: int = 1, T: int 
     return flops.attention / nbytes, flops.attention, nbytes
 
 
+def first_count_reaching(ridge: float, intensity) -> int:
+    """The smallest S >= 1 with intensity(S) >= ridge, for an intensity that grows with S (more query
+    tokens over the same K and V): doubling to pass the ridge, then halving the gap, so a few dozen
+    measurements instead of one per count. S - 1 is measured below the ridge, whatever the search did."""
+    hi = 1
+    while intensity(hi) < ridge:
+        hi *= 2
+    lo = hi // 2  # below the ridge (or 0)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if intensity(mid) >= ridge else (mid, hi)
+    assert hi == 1 or intensity(hi - 1) < ridge <= intensity(hi)
+    return hi
+
+
 # --- decode_attention_intensity ----------------------------------------------------------------
 
 @MEASURED
@@ -146,8 +161,7 @@ def test_queries_to_reach_ridge_of_llama_on_an_h100_and_an_a100():
     for name, hw, dtype, why in cases:
         cfg = preset(name)
         got = impl.queries_to_reach_ridge(cfg, hw, dtype)
-        want = next(s for s in range(1, 10_000) if measured_intensity(cfg.with_(head_dim=8), dtype, s, 1, 1)[0]
-                    >= hw.ridge_point(dtype))
+        want = first_count_reaching(hw.ridge_point(dtype), lambda s: measured_intensity(cfg.with_(head_dim=8), dtype, s, 1, 1)[0])
         expect_real(call_str("queries_to_reach_ridge", cfg, hw, dtype), got, want, rel=0, why=why)
 
 
