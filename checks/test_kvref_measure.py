@@ -64,6 +64,7 @@ def test_the_meta_device_counts_the_same_flops_as_a_real_cpu_run(cfg, batch, n_c
             model(x[:, :n_cached], torch.arange(n_cached), caches)
         cpu = forward_flops_measured(model, x[:, n_cached:], torch.arange(n_cached, n_cached + n_new), caches)
     assert step_flops_measured(cfg, batch, n_new, n_cached) == cpu
+    assert step_flops_measured(cfg, batch, n_new, n_cached, device="cpu") == cpu
 
 
 @given(cfg=CONFIGS, batch=BATCHES, p=st.integers(1, 5), n=st.integers(1, 4), use_cache=st.booleans())
@@ -242,5 +243,7 @@ def test_bad_arguments_are_named():
         generation_flops_measured(nn.Linear(2, 2), ids(TINY, 1, 2), 1)
     with pytest.raises(ValueError, match="n_cached"):
         step_flops_measured(TINY, 1, 1, -1)
+    with pytest.raises(ValueError, match="device"):
+        step_flops_measured(TINY, 1, 1, 0, device="cuda")
     with pytest.raises(ValueError, match="seq_len"):
         kv_cache_bytes_measured(TINY, 1, 0, torch.float32)

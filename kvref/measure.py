@@ -39,7 +39,7 @@ from torch.overrides import TorchFunctionMode
 
 from kvref.cache import StaticKVCache
 from kvref.config import ModelConfig
-from kvref.model import KVRowCount, Transformer, count_kv_rows
+from kvref.model import KVRowCount, Transformer, build_model, count_kv_rows
 from kvref.opcount import MatmulFlops
 
 PROJECTION_OPS = ("aten.mm", "aten.addmm")
@@ -192,19 +192,32 @@ def kv_recompute_flops_measured(cfg: ModelConfig, n_tokens: int) -> FlopCount:
 
 
 @lru_cache(maxsize=256)
-def step_flops_measured(cfg: ModelConfig, batch: int, n_new: int, n_cached: int) -> FlopCount:
+def step_flops_measured(cfg: ModelConfig, batch: int, n_new: int, n_cached: int, device: str = "meta") -> FlopCount:
     """FLOPs of one forward pass of `n_new` tokens per sequence after `n_cached` cached ones.
 
-    Counted on the meta device, so it works for real presets: `n_cached = 0` is a prefill (or
-    an uncached step over the whole sequence), `n_new = 1` a cached decode step.
+    `n_cached = 0` is a prefill (or an uncached step over the whole sequence), `n_new = 1` a
+    cached decode step. On the meta device (the default) it works for real presets: a shape-only
+    cache stands for the cached positions. `device="cpu"` runs kvref's model for real, random
+    weights and a filled cache, for small configs: the same count (checks/test_kvref_measure.py),
+    without the torch._dynamo import (about 1 s) that PyTorch's meta kernels cost on their first use.
     """
     _check_counts(batch=batch, n_new=n_new)
-    if not isinstance(n_cached, int) or n_cached < 0:
+    if not isinstance(n_cached, int) or isinstance(n_cached, bool) or n_cached < 0:
         raise ValueError(f"n_cached must be an int >= 0, got {n_cached!r}")
-    model = meta_model(cfg)
-    ids = torch.zeros(batch, n_new, dtype=torch.long, device="meta")
-    pos = torch.arange(n_cached, n_cached + n_new, device="meta")
-    caches = [ShapeOnlyCache(n_cached) for _ in range(cfg.n_layers)] if n_cached else None
+    if device == "meta":
+        model = meta_model(cfg)
+        ids = torch.zeros(batch, n_new, dtype=torch.long, device="meta")
+        caches = [ShapeOnlyCache(n_cached) for _ in range(cfg.n_layers)] if n_cached else None
+    elif device == "cpu":
+        model = build_model(cfg)
+        ids = torch.zeros(batch, n_new, dtype=torch.long)
+        caches = model.new_caches("growing") if n_cached else None
+        if n_cached:
+            with torch.no_grad():
+                model(torch.zeros(batch, n_cached, dtype=torch.long), torch.arange(n_cached), caches)
+    else:
+        raise ValueError(f"device must be 'meta' or 'cpu', got {device!r}")
+    pos = torch.arange(n_cached, n_cached + n_new, device=device)
     return flops_of(model, ids, pos, caches)
 
 

@@ -63,7 +63,7 @@ def step_flops(cfg, batch, n_new, n_cached):
     """FlopCounterMode's formulas' count on kvref's model for small configs; kvref.roofline's (checked against it) for presets."""
     if cfg.name:
         return kvref_forward_flops(cfg, batch, n_new, n_cached)
-    return step_flops_measured(cfg, batch, n_new, n_cached).total
+    return step_flops_measured(cfg, batch, n_new, n_cached, device="cpu").total
 
 
 @functools.cache
