@@ -485,7 +485,7 @@ def test_readmes_reading_table_names_every_answer_module_as_a_spoiler_of_its_car
     for path, ids in ANSWERS.items():
         found = [row for paths, row in rows if path in paths]
         assert found, (f"README.md's table of what to read names no `{path}`, which holds answers to "
-                       f"{', '.join(ids)}; `python -m kvkata.manifest --reading-table` prints its row")
+                       f"{', '.join(ids)}; `python tools/reading_table.py` prints its row")
         for row in found:
             assert "spoiler" in row.lower(), f"README.md: the row of `{path}` does not call it a spoiler: {row}"
             # A row may name several modules: it names the cards of all of them.

@@ -122,9 +122,3 @@ def reading_table() -> str:
         lines.append(f"| {files} | **{noun} for {cards_phrase(ids)}**: {what}. Read after you pass. |")
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    import sys
-    if sys.argv[1:] != ["--reading-table"]:
-        sys.exit("usage: python -m kvkata.manifest --reading-table")
-    print(reading_table())
