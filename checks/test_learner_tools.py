@@ -275,8 +275,14 @@ def test_progress_merges_a_partial_run_and_never_counts_a_kata_solved_from_part_
     stub = project_copy / "katas" / card.dir / f"{a.module}.py"
     stub.write_text(stub.read_text() + "\n# a note below every kata\n")
     assert progress.statuses(root=project_copy)[progress.key(a)] == "solved"
-    stub.write_text(stub.read_text().replace(f"def {a.name}(", f"def {a.name}(  # edited\n        ", 1))
+    shipped = stub.read_text()
+    stub.write_text(shipped.replace(f"def {a.name}(", f"def {a.name}(  # edited\n        ", 1))
     assert progress.statuses(root=project_copy)[progress.key(a)] == "stale"
+    # Solved as edited, then the shipped stub pasted back (or `kvkata reset`): a stub, not a stale result.
+    progress.record_run(board.settled(state({a: ["passed", "passed"]}, {a: 2})), root=project_copy)
+    assert progress.statuses(root=project_copy)[progress.key(a)] == "solved"
+    stub.write_text(shipped)
+    assert progress.statuses(root=project_copy)[progress.key(a)] == "todo"
 
 
 def test_status_after_a_partial_run_shows_it_solved_others_not_run_and_an_edit_stale(project_copy):

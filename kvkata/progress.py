@@ -51,18 +51,45 @@ def stub_hashes(katas=None, root: Path = ROOT) -> dict[str, str | None]:
         file = root / "katas" / kata.dir / f"{kata.module}.py"
         if file not in parsed:
             parsed[file] = _definitions(file)
-        found = parsed[file]
-        node = found[1].get(kata.name) if found else None
-        segment = ast.get_source_segment(found[0], node) if node is not None else None
-        out[key(kata)] = hashlib.sha256(segment.encode()).hexdigest()[:16] if segment is not None else None
+        out[key(kata)] = _hash(parsed[file], kata.name)
     return out
+
+
+def pristine_hashes(katas=None) -> dict[str, str | None]:
+    """key -> hash of the kata's stub as shipped (kvkata/pristine.zip), as `stub_hashes` hashes it."""
+    from kvkata import backup
+
+    katas = manifest.all_katas() if katas is None else list(katas)
+    parsed: dict[str, tuple[str, dict] | None] = {}
+    out = {}
+    for kata in katas:
+        rel = f"katas/{kata.dir}/{kata.module}.py"
+        if rel not in parsed:
+            try:
+                parsed[rel] = _parse(backup.pristine_text(Path(rel)))
+            except (OSError, FileNotFoundError, ValueError):  # no archive, or no copy of this file in it
+                parsed[rel] = None
+        out[key(kata)] = _hash(parsed[rel], kata.name)
+    return out
+
+
+def _hash(found: tuple[str, dict] | None, name: str) -> str | None:
+    node = found[1].get(name) if found else None
+    segment = ast.get_source_segment(found[0], node) if node is not None else None
+    return hashlib.sha256(segment.encode()).hexdigest()[:16] if segment is not None else None
 
 
 def _definitions(file: Path) -> tuple[str, dict] | None:
     try:
-        source = file.read_text()
+        return _parse(file.read_text())
+    except OSError:
+        return None
+
+
+def _parse(source: str) -> tuple[str, dict] | None:
+    try:
         tree = ast.parse(source)
-    except (OSError, SyntaxError, ValueError):
+    except (SyntaxError, ValueError):
         return None
     defs = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
     return source, defs
@@ -133,18 +160,25 @@ def _locked(lock: Path):
 # --- what the board shows -------------------------------------------------------------------
 
 def statuses(saved: dict | None = None, hashes: dict | None = None, root: Path = ROOT) -> dict[str, str]:
-    """key -> one of STATUSES, for every kata in cards.toml."""
+    """key -> one of STATUSES, for every kata in cards.toml.
+
+    A kata whose source is the shipped stub again (a `kvkata reset`, or the stub pasted back) shows as
+    "todo" whatever its last run said: a stub fails its tests as a TODO, run or not.
+    """
     saved = load(root) if saved is None else saved
     hashes = stub_hashes(root=root) if hashes is None else hashes
+    shipped = pristine_hashes()
     out = {}
     for kata in manifest.all_katas():
-        entry = saved.get(key(kata))
+        entry, now = saved.get(key(kata)), hashes.get(key(kata))
         if entry is None:
             out[key(kata)] = "not run"
-        elif entry.get("stub") != hashes.get(key(kata)):
-            out[key(kata)] = "stale"
-        else:
+        elif entry.get("stub") == now:
             out[key(kata)] = entry["outcome"]
+        elif now is not None and now == shipped.get(key(kata)):
+            out[key(kata)] = "todo"
+        else:
+            out[key(kata)] = "stale"
     return out
 
 
