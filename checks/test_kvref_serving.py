@@ -169,6 +169,13 @@ def test_the_simulator_serves_every_request_once_within_memory(params, policy):
     assert res.throughput > 0 and res.memory_waste() >= 0 and 0 < res.memory_utilisation() <= 1
     assert res.swap_bytes == 0 or sim.preemption == "swap"
     assert res.recomputed_tokens == 0 or sim.preemption == "recompute"
+    # only a request that ran is preempted (running requests grow before any admission): each
+    # preemption throws away or moves out and back at least one token's K/V
+    preemptions = sum(r.preemptions for r in res.requests)
+    if sim.preemption == "recompute":
+        assert res.recomputed_tokens >= preemptions
+    else:
+        assert res.swap_bytes >= 2 * SLOT_BYTES * preemptions
 
 
 @settings(max_examples=min(settings().max_examples, 40))
@@ -221,6 +228,39 @@ def test_preemption_by_swap_moves_the_bytes_of_the_caches_it_evicts():
     # swapping adds the transfer time at the host link's bandwidth to the steps that swap
     extra = sum(s.end - s.start for s in swap.steps) - 0.01 * len(swap.steps)
     assert math.isclose(extra, swap.swap_bytes / swap.sim.host_bandwidth, rel_tol=1e-6)
+
+
+def test_running_requests_grow_before_the_queue_is_admitted():
+    """vLLM's order: 3 blocks of 4 slots; A (prompt 4, 6 outputs) alone from t = 0, B and C (prompt 4,
+    2 outputs) arrive at 0.5. At t = 1 A takes its second block first, B gets the last one and C waits;
+    at t = 2 B's second position block finds none free and B (latest admitted) is preempted, so
+    nobody is admitted that step. C runs only when A finishes at t = 6, never preempted. Admitting
+    before growing let C in at t = 1 and preempted it in the same step, before it ran."""
+    trace = [TraceRequest(0, 0.0, 4, 6), TraceRequest(1, 0.5, 4, 2), TraceRequest(2, 0.5, 4, 2)]
+    res = simulate(trace, tiny_sim("paged", 12, block_size=4, step_time=1.0))
+    a, b, c = res.requests
+    assert (a.admitted, a.finish, a.preemptions) == (0.0, 6.0, 0)
+    assert (b.admitted, b.first_token, b.finish, b.preemptions) == (1.0, 2.0, 7.0, 1)
+    assert (c.admitted, c.first_token, c.finish, c.preemptions) == (6.0, 7.0, 8.0, 0)
+    assert [s.batch for s in res.steps] == [1, 2, 1, 1, 1, 1, 2, 1]
+    assert res.recomputed_tokens == 4  # B's prompt, fed again at t = 6
+
+
+@pytest.mark.timeout(20)
+def test_a_static_reservation_larger_than_the_budget_is_refused_not_simulated_forever():
+    sim = tiny_sim("static", 100, max_seq_len=2048, step_time=1e-3)
+    with pytest.raises(ValueError, match="max_seq_len 2048 .* budget's 100 slots"):
+        simulate([TraceRequest(0, 0.0, 10, 5)], sim)
+
+
+def test_a_constant_step_time_needs_no_roofline_so_mla_models_simulate():
+    """kvref.roofline does not cost MLA models; with a constant step the simulator never asks it to."""
+    cfg = preset("deepseek-v2")
+    sim = SimConfig(cfg, H100_SXM, 1000 * roofline.kv_bytes_per_token(cfg, 2), step_time=0.01)
+    res = simulate([TraceRequest(0, 0.0, 10, 5)], sim)
+    assert res.requests[0].finish == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="MLA"):
+        simulate([TraceRequest(0, 0.0, 10, 5)], SimConfig(cfg, H100_SXM, sim.kv_budget_bytes))
 
 
 def test_a_decode_step_of_the_simulator_costs_kvrefs_roofline_decode_step():
