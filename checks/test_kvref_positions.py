@@ -36,7 +36,7 @@ from kvref.opcount import ElementwiseOps, rope_flops_of_decode, rope_flops_of_ro
 from kvref.config import ModelConfig  # noqa: E402
 from kvref.measure import flops_of  # noqa: E402
 from kvref.model import build_model  # noqa: E402
-from kvref.rope import apply_rope, rope_cos_sin, rope_inv_freq, rope_rerotate, rope_rotate, rope_tables  # noqa: E402
+from kvref.rope import apply_rope, rope_apply, rope_cos_sin, rope_inv_freq, rope_rerotate, rope_rotate, rope_tables  # noqa: E402
 
 HEAD_DIMS = st.sampled_from([2, 4, 8, 16, 64, 128])
 THETAS = st.sampled_from([10000.0, 500000.0, 1e6, 100.0])
@@ -180,6 +180,9 @@ def test_rope_refuses_what_it_cannot_rotate():
         rope_rotate(x, torch.arange(2), rotary_dim=10)
     with pytest.raises(ValueError, match="integer"):
         rope_tables(torch.tensor([0.5]), 8)
+    cos, sin = rope_tables(torch.arange(2), 8)
+    with pytest.raises(ValueError, match="convention .* 'Half'"):  # not silently the interleaved one
+        rope_apply(x, cos, sin, convention="Half")
 
 
 # --- ALiBi: BLOOM ------------------------------------------------------------------------------
