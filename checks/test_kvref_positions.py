@@ -32,7 +32,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding  # noq
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_apply  # noqa: E402
 
 from kvref.alibi import alibi_attention, alibi_bias, alibi_slopes  # noqa: E402
-from kvref.opcount import ElementwiseOps, rope_flops_of_decode, rope_flops_of_rotation  # noqa: E402
+from kvref.opcount import TRANSCENDENTAL, ElementwiseOps, rope_flops_of_decode, rope_flops_of_rotation  # noqa: E402
 from kvref.config import ModelConfig  # noqa: E402
 from kvref.measure import flops_of  # noqa: E402
 from kvref.model import build_model  # noqa: E402
@@ -248,6 +248,10 @@ def test_elementwise_counter_counts_multiplies_and_adds_and_nothing_else():
     with ElementwiseOps() as ops:
         torch.arange(4) * 2  # integers are not FLOPs
     assert ops.flops == 0
+    with ElementwiseOps() as ops:
+        x.pow(2)  # RMSNorm's square: tallied as pow, not as a transcendental, and not in .flops
+    assert ops.by_op == {"pow": 15} and ops.flops == 0
+    assert "pow" not in TRANSCENDENTAL.values()
 
 
 def test_flop_counter_mode_does_not_see_rope():
