@@ -57,6 +57,14 @@ def test_requests_served_together_get_the_tokens_they_get_alone(requests, max_ba
         assert tuple(out[s.rid]) == alone(cfg, tuple(s.prompt), s.max_new_tokens), s
 
 
+def test_serve_names_a_max_batch_that_admits_nobody():
+    seqs = [Sequence(0, [1, 2], 2)]
+    with pytest.raises(ValueError, match="max_batch must be an int >= 1"):
+        serve(model(), seqs, [0], 0, 100)  # not "the budget": the budget holds it
+    with pytest.raises(ValueError, match="one arrival step per request"):
+        serve(model(), seqs, [0, 1], 1, 100)
+
+
 def test_the_batched_step_gives_the_logits_of_the_models_own_forward():
     m = model()
     prompts = [[3, 1, 4, 1, 5], [9], [2, 6, 5, 3]]
@@ -268,6 +276,11 @@ def test_a_decode_step_of_the_simulator_costs_kvrefs_roofline_decode_step():
     batch, step = steady_decode(cfg, H100_SXM, 20 * 2**30, 4095, torch.bfloat16)
     assert batch == 20 * 2**30 // (4096 * 131072)
     assert math.isclose(step, roofline.decode_time(cfg, H100_SXM, batch, 4095, torch.bfloat16), rel_tol=1e-12)
+
+
+def test_poisson_trace_refuses_a_bool_rate():
+    with pytest.raises(ValueError, match="rate must be a finite number > 0, got True"):
+        poisson_trace(3, True, (1, 2), (1, 2), seed=0)
 
 
 def test_poisson_arrivals_have_the_stated_rate_and_repeat_with_the_seed():

@@ -55,7 +55,7 @@ def poisson_trace(n: int, rate: float, prompt_lens: tuple[int, int], output_lens
     on the inclusive ranges given. The same seed gives the same trace.
     """
     _check_int("n", n, 1)
-    if not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
+    if not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and math.isfinite(rate) and rate > 0):
         raise ValueError(f"rate must be a finite number > 0, got {rate!r}")
     for name, (lo, hi) in (("prompt_lens", prompt_lens), ("output_lens", output_lens)):
         if not (1 <= lo <= hi):
