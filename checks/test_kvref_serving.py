@@ -261,6 +261,15 @@ def test_a_static_reservation_larger_than_the_budget_is_refused_not_simulated_fo
         simulate([TraceRequest(0, 0.0, 10, 5)], sim)
 
 
+@pytest.mark.timeout(20)
+def test_a_step_with_nobody_running_while_requests_wait_raises_instead_of_looping(monkeypatch):
+    """The loop's own guard, reached here by an admission that admits nobody."""
+    import kvref.serving_sim as serving_sim
+    monkeypatch.setattr(serving_sim, "_admit", lambda sim, running, waiting, t: 0)
+    with pytest.raises(RuntimeError, match="no request can run at t = 0.0 s with 1 waiting"):
+        simulate([TraceRequest(0, 0.0, 10, 5)], tiny_sim("paged", 64, step_time=1e-3))
+
+
 def test_a_constant_step_time_needs_no_roofline_so_mla_models_simulate():
     """kvref.roofline does not cost MLA models; with a constant step the simulator never asks it to."""
     cfg = preset("deepseek-v2")
