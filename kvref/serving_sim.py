@@ -9,8 +9,8 @@ constant). Two ways to hold memory:
   (what systems before PagedAttention did: Kwon et al. §3, fig. 2);
 - "paged": a request holds ceil(positions / block_size) blocks, growing by one block when
   its last one fills; when no block is free the latest-admitted request is preempted (vLLM's
-  policy), by recompute or by swap. As in vLLM (v1, and v0 with chunked prefill), each step
-  grows the running requests first and admits from the queue only if that preempted nobody.
+  policy), by recompute or by swap. As in vLLM v1's scheduler, each step grows the running
+  requests first and admits from the queue only if that preempted nobody.
 It logs every step (time, batch, memory used and allocated) and every change in the number
 of requests in the system, and reports throughput, TTFT and TPOT percentiles, memory
 utilisation and waste (allocated slots not holding a token's K/V). `steady_decode` (card05) is
@@ -262,9 +262,11 @@ def simulate(trace: list[TraceRequest], sim: SimConfig) -> SimResult:
             t = arrivals[nxt].arrival
             continue
         n_waiting = len(waiting)
-        # vLLM's order (v0 with chunked prefill, v1): the running requests get the blocks they
-        # grow into first, preempting if they must; the queue is admitted only when nothing was
-        # preempted this step, into the blocks the running ones left free.
+        # vLLM v1's order: the running requests get the blocks they grow into first, preempting
+        # if they must; the queue is admitted only when nothing was preempted this step, into the
+        # blocks the running ones left free. (v0 with chunked prefill also runs the running ones
+        # first but, after a preemption, holds back only swapped-out requests; v0 without it
+        # schedules prefills first.)
         swap_bytes, preempted = _grow(sim, running, waiting, res)
         if not preempted:
             swap_bytes += _admit(sim, running, waiting, t)
