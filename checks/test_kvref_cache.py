@@ -267,6 +267,11 @@ def test_static_cache_rejects_positions_outside_its_length(input_pos):
         new_cache("static").update(torch.tensor(input_pos), *kv(len(input_pos)))
 
 
+def test_static_cache_refuses_a_bool_for_a_size():
+    with pytest.raises(ValueError, match="max_seq_len must be a positive int, got True"):
+        StaticKVCache(1, 2, True, 4)
+
+
 def test_static_cache_rejects_positions_that_leave_a_gap_after_the_cached_ones():
     with pytest.raises(ValueError, match=re.escape("input_pos [3] leaves a gap after the 2 cached positions")):
         filled("static", 2).update(torch.tensor([3]), *kv(1))

@@ -251,6 +251,7 @@ def test_config_rejects_inconsistent_experts_windows_and_mlps(changes, match):
 
 
 @pytest.mark.parametrize("name", ["mla_latent_dim", "mla_rope_dim"])
-def test_config_rejects_negative_mla_dims(name):
-    with pytest.raises(ValueError, match="mla_latent_dim and mla_rope_dim must be >= 0"):
-        ModelConfig(**SMALL | {name: -1})
+@pytest.mark.parametrize("value", [-1, 8.0, True])
+def test_config_rejects_mla_dims_that_are_not_ints_above_zero(name, value):
+    with pytest.raises(ValueError, match=f"ModelConfig.{name} must be an int >= 0, got {value!r}"):
+        ModelConfig(**SMALL | {name: value})

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from kvref import energy as en
 from kvref import roofline as rl
 from kvref.config import PRESETS, ModelConfig, preset
-from kvref.hardware import (ENERGY_COSTS, H100_SXM, H200, PUBLISHED_ENERGY, SOURCE_CARD_ENERGY, EnergyCosts)
+from kvref.hardware import (ENERGY_COSTS, H100_SXM, H100_SXM_BOARD_WATTS, H200, PUBLISHED_ENERGY, SOURCE_CARD_ENERGY,
+                            EnergyCosts)
 from kvref.measure import kv_cache_bytes_measured, meta_model, step_flops_measured, weight_bytes_read
 from kvref.strategies import DENSE_PRESET_NAMES, gqa_model_configs, model_configs
 
@@ -21,6 +22,15 @@ BF16 = torch.bfloat16
 
 def test_energy_module_says_first_that_it_answers_card11():
     assert en.__doc__.splitlines()[0].startswith("Spoiler for card11")
+
+
+def test_the_h100s_board_power_caps_the_energy_of_an_fma_below_both_constant_sets():
+    """700 W over 494.5e12 FMA/s: 1.42 pJ per FMA for the whole board. 5 pJ/FMA would need 2.5 kW."""
+    fma_per_s = H100_SXM.peak_flops(BF16) / 2
+    board_pj_per_fma = H100_SXM_BOARD_WATTS / fma_per_s * 1e12
+    assert math.isclose(board_pj_per_fma, 1.4156, rel_tol=1e-3)
+    assert PUBLISHED_ENERGY.pj_per_fma > board_pj_per_fma
+    assert math.isclose(SOURCE_CARD_ENERGY.pj_per_fma * 1e-12 * fma_per_s, 2472.5, rel_tol=1e-3)  # watts
 
 
 def test_the_two_constant_sets_carry_their_numbers_and_name_their_sources():

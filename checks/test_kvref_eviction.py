@@ -11,6 +11,7 @@ After every step, for every policy under both position schemes:
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -175,6 +176,12 @@ def test_h2o_keeps_the_recent_window_and_evicts_the_least_attended_older_key():
     victim_pos = int(c.slot_pos[want])
     c.step(4, rand(B, H, 1, D, seed=4), rand(B, HKV, 1, D, seed=54), rand(B, HKV, 1, D, seed=13))
     assert victim_pos not in c.slot_pos.tolist() and {2, 3, 4} <= set(c.slot_pos.tolist())
+
+
+def test_an_h2o_cache_refuses_a_batch_whose_sequences_would_share_one_score():
+    with pytest.raises(ValueError, match="h2o cache holds one sequence .* batch 2"):
+        EvictingKVCache(4, 2, HKV, D, policy="h2o", recent=2)
+    EvictingKVCache(4, 2, HKV, D, policy="sinks", n_sinks=1)  # a position rule: the same for every sequence
 
 
 def test_top_k_weights_minimise_dropped_mass_not_output_error():

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kvref.cache import GrowingKVCache
-from kvref.config import ModelConfig
+from kvref.config import ModelConfig, preset
 from kvref.kv_quant import (QuantizedKVCache, QuantScheme, axis_errors, dequantize, fake_quantize, load,
                             outlier_channel_keys, outlier_token_keys, pack_bits, qrange, quantize,
                             quantized_cache_nbytes, store, unpack_bits)
@@ -67,6 +67,51 @@ def test_packing_round_trips_and_shrinks_by_codes_per_byte(case):
     assert packed.nbytes * (8 // scheme.bits) == codes.nbytes
     assert torch.equal(unpack_bits(packed, scheme.bits), codes)
     assert torch.allclose(load(store(x, scheme), scheme, torch.float32), dequantize(q, *quantize(x, scheme)[1:], scheme))
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_symmetric_codes_are_stored_offset_by_half_the_range_minus_one(bits):
+    x = torch.linspace(-1, 1, 8).reshape(1, 1, 1, 8)  # the group's extremes get the extreme codes
+    scheme = QuantScheme(bits, "token", 0, False, torch.float32)
+    stored = unpack_bits(store(x, scheme).codes, bits)
+    assert (int(stored.min()), int(stored.max())) == (0, 2**bits - 2)
+    assert torch.equal(stored.long(), quantize(x, scheme)[0].long() + 2 ** (bits - 1) - 1)
+
+
+@given(case=tensors_and_schemes(), scale_dtype=st.sampled_from([torch.float16, torch.bfloat16]))
+def test_a_stored_block_reads_back_within_half_a_step_plus_the_rounding_of_its_scale_and_zero(case, scale_dtype):
+    x, scheme = case
+    scheme = QuantScheme(scheme.bits, scheme.axis, scheme.group_size, scheme.asymmetric, scale_dtype)
+    q, scale, zero = quantize(x, scheme)
+    block = store(x, scheme)
+    err = (x.double() - load(block, scheme, torch.float32).double()).abs()
+    bound = _expand(scale, x, scheme).double() / 2 + q.double().abs() * _expand(scale - block.scale.float(), x, scheme).double().abs()
+    if zero is not None:
+        bound += _expand(zero - block.zero.float(), x, scheme).double().abs()
+    assert (err <= bound * (1 + 1e-5) + 1e-6 * float(x.abs().max())).all(), float((err - bound).max())
+
+
+def test_an_fp16_zero_point_far_from_zero_costs_more_than_half_a_step():
+    """KIVI's keys per channel: a channel near 100 (an outlier channel) spanning 2 has s = 2 / 255 at
+    8 bits, but its zero point 99.01 is stored in fp16 as 99.015625 (spacing 2^-6 there): the
+    element at the minimum (code 0) reads back 0.0056 off, 1.4 half-steps. The s / 2 bound is fp32's."""
+    x = (100.01 + torch.linspace(-1, 1, 64)).reshape(1, 1, 64, 1)  # [B, Hkv, T, D]: one channel
+    scheme = QuantScheme(8, "channel", 64, True, torch.float16)
+    _, scale, zero = quantize(x, scheme)
+    assert float((x - fake_quantize(x, scheme)).abs().max()) <= float(scale) / 2 * (1 + 1e-5)
+    err = (x - load(store(x, scheme), scheme, torch.float32)).abs()
+    dz = abs(float(zero) - float(zero.half()))
+    assert math.isclose(float(err[0, 0, 0, 0]), dz, rel_tol=1e-3) and dz > 1.4 * float(scale) / 2
+
+
+def test_quantized_cache_nbytes_refuses_mla_models():
+    with pytest.raises(ValueError, match="MLA"):
+        quantized_cache_nbytes(preset("deepseek-v2"), 1, 16, QuantScheme(4, "token", 32))
+
+
+def test_a_bool_group_size_is_refused():
+    with pytest.raises(ValueError, match="group_size"):
+        QuantScheme(4, "token", True)
 
 
 def test_int4_nibble_order_is_low_first():

@@ -206,6 +206,14 @@ def test_out_of_blocks_changes_nothing():
         BlockAllocator(0, 16)
 
 
+def test_releasing_a_free_block_raises_even_without_asserts():
+    """The refcount invariant is a raise, not an assert, so `python -O` still catches the bookkeeping bug."""
+    alloc = BlockAllocator(2, 2)
+    with pytest.raises(RuntimeError, match="block 0 released more often than held"):
+        alloc._release(0)
+    assert alloc.refcount == [0, 0] and alloc.num_free_blocks == 2
+
+
 def sdpa_causal(q, k, v):
     """PyTorch's SDPA over the contiguous cache, queries at the last S of T positions."""
     s, t = q.shape[2], k.shape[2]

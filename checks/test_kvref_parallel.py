@@ -28,7 +28,7 @@ from checks.rank_faults import faulty_worker
 from kvref.launch import LaunchError, choose_start_method, launch
 from kvref.pipeline_parallel import pp_layers, pp_worker
 from kvref.reshard import check_reshard_plan, reshard_plan, reshard_worker
-from kvref.tensor_parallel import heads_in_cache, single_process, tp_kv_heads, tp_worker
+from kvref.tensor_parallel import heads_in_cache, single_process, tp_kv_heads, tp_query_heads, tp_worker
 
 BATCH, PROMPT, LENGTH = 2, 5, 9  # a 5-token prompt, then 4 decode steps
 GQA = ModelConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=8, n_kv_heads=2, head_dim=4, d_ff=32)
@@ -78,6 +78,19 @@ def test_each_rank_caches_exactly_the_kv_heads_its_query_heads_read(j):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("tp, rank, error, words", [
+    (0, 0, ValueError, "tp must be >= 1 ranks, got 0"),
+    (4, 9, ValueError, r"rank must be in 0 \.\. tp - 1 = 3, got 9"),
+    (4, -1, ValueError, r"rank must be in 0 \.\. tp - 1 = 3, got -1"),
+    (2.0, 0, TypeError, "tp must be an int, got float"),
+    (2, True, TypeError, "rank must be an int, got bool"),
+])
+def test_head_assignment_refuses_a_tp_or_rank_that_names_no_rank(tp, rank, error, words):
+    for f in (tp_query_heads, tp_kv_heads):
+        with pytest.raises(error, match=words):
+            f(GQA, tp, rank)
+
+
 def test_pipeline_stages_give_the_single_process_logits_and_split_the_cache():
     want, _, full_nbytes = single_process(PIPELINE, 0, IDS, PROMPT)
     first, last = pp_reports()

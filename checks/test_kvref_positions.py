@@ -32,11 +32,11 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding  # noq
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_apply  # noqa: E402
 
 from kvref.alibi import alibi_attention, alibi_bias, alibi_slopes  # noqa: E402
-from kvref.opcount import ElementwiseOps, rope_flops_of_decode, rope_flops_of_rotation  # noqa: E402
+from kvref.opcount import TRANSCENDENTAL, ElementwiseOps, rope_flops_of_decode, rope_flops_of_rotation  # noqa: E402
 from kvref.config import ModelConfig  # noqa: E402
 from kvref.measure import flops_of  # noqa: E402
 from kvref.model import build_model  # noqa: E402
-from kvref.rope import apply_rope, rope_cos_sin, rope_inv_freq, rope_rerotate, rope_rotate, rope_tables  # noqa: E402
+from kvref.rope import apply_rope, rope_apply, rope_cos_sin, rope_inv_freq, rope_rerotate, rope_rotate, rope_tables  # noqa: E402
 
 HEAD_DIMS = st.sampled_from([2, 4, 8, 16, 64, 128])
 THETAS = st.sampled_from([10000.0, 500000.0, 1e6, 100.0])
@@ -180,6 +180,9 @@ def test_rope_refuses_what_it_cannot_rotate():
         rope_rotate(x, torch.arange(2), rotary_dim=10)
     with pytest.raises(ValueError, match="integer"):
         rope_tables(torch.tensor([0.5]), 8)
+    cos, sin = rope_tables(torch.arange(2), 8)
+    with pytest.raises(ValueError, match="convention .* 'Half'"):  # not silently the interleaved one
+        rope_apply(x, cos, sin, convention="Half")
 
 
 # --- ALiBi: BLOOM ------------------------------------------------------------------------------
@@ -245,6 +248,10 @@ def test_elementwise_counter_counts_multiplies_and_adds_and_nothing_else():
     with ElementwiseOps() as ops:
         torch.arange(4) * 2  # integers are not FLOPs
     assert ops.flops == 0
+    with ElementwiseOps() as ops:
+        x.pow(2)  # RMSNorm's square: tallied as pow, not as a transcendental, and not in .flops
+    assert ops.by_op == {"pow": 15} and ops.flops == 0
+    assert "pow" not in TRANSCENDENTAL.values()
 
 
 def test_flop_counter_mode_does_not_see_rope():

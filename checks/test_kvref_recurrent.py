@@ -135,6 +135,8 @@ def test_linear_attention_names_a_bad_shape():
         rc.linear_attention_parallel(q, k[..., :3], v)
     with pytest.raises(ValueError, match="d_key"):
         rc.linear_attention_init(1, 1, 0, 1)
+    with pytest.raises(ValueError, match="heads must be an int >= 1, got True"):
+        rc.linear_attention_init(1, True, 4, 4)
 
 
 def test_model_states_use_the_kv_heads_of_a_gqa_config():

@@ -118,7 +118,7 @@ def test_step_time_is_the_slower_of_compute_and_memory(flops, bytes_, hw, dtype)
     assert t == max(flops / hw.peak_flops(dtype), bytes_ / hw.mem_bandwidth)
     assert rl.step_time(2 * flops, 2 * bytes_, hw, dtype) == pytest.approx(2 * t)  # linear in the work
     assert rl.step_time(flops, bytes_, hw.scaled(flops=2, bandwidth=2), dtype) == pytest.approx(t / 2)
-    # No overlap is the upper bound, perfect overlap the lower one; at most a factor 2 apart.
+    # The no-overlap time at peak is at least the perfect-overlap time and at most twice it.
     upper = rl.step_time_no_overlap(flops, bytes_, hw, dtype)
     assert t <= upper <= 2 * t * (1 + 1e-12)
 
@@ -277,7 +277,7 @@ def test_a_100k_context_of_llama_2_70b_takes_32_8_gb_in_bf16():
 @pytest.mark.parametrize("name,per_token", [("deepseek-v2", 69_120), ("deepseek-v3", 70_272)])
 def test_mla_presets_cache_a_latent_and_a_rope_key_per_layer(name, per_token):
     assert rl.kv_bytes_per_token(preset(name), 2) == per_token  # CARDS.md facts, bf16
-    with pytest.raises(ValueError, match="MLA"):
+    with pytest.raises(ValueError, match="does not cost MLA models"):
         rl.matmul_params(preset(name))
 
 

@@ -57,6 +57,14 @@ def test_requests_served_together_get_the_tokens_they_get_alone(requests, max_ba
         assert tuple(out[s.rid]) == alone(cfg, tuple(s.prompt), s.max_new_tokens), s
 
 
+def test_serve_names_a_max_batch_that_admits_nobody():
+    seqs = [Sequence(0, [1, 2], 2)]
+    with pytest.raises(ValueError, match="max_batch must be an int >= 1"):
+        serve(model(), seqs, [0], 0, 100)  # not "the budget": the budget holds it
+    with pytest.raises(ValueError, match="one arrival step per request"):
+        serve(model(), seqs, [0, 1], 1, 100)
+
+
 def test_the_batched_step_gives_the_logits_of_the_models_own_forward():
     m = model()
     prompts = [[3, 1, 4, 1, 5], [9], [2, 6, 5, 3]]
@@ -169,6 +177,13 @@ def test_the_simulator_serves_every_request_once_within_memory(params, policy):
     assert res.throughput > 0 and res.memory_waste() >= 0 and 0 < res.memory_utilisation() <= 1
     assert res.swap_bytes == 0 or sim.preemption == "swap"
     assert res.recomputed_tokens == 0 or sim.preemption == "recompute"
+    # only a request that ran is preempted (running requests grow before any admission): each
+    # preemption throws away or moves out and back at least one token's K/V
+    preemptions = sum(r.preemptions for r in res.requests)
+    if sim.preemption == "recompute":
+        assert res.recomputed_tokens >= preemptions
+    else:
+        assert res.swap_bytes >= 2 * SLOT_BYTES * preemptions
 
 
 @settings(max_examples=min(settings().max_examples, 40))
@@ -223,11 +238,58 @@ def test_preemption_by_swap_moves_the_bytes_of_the_caches_it_evicts():
     assert math.isclose(extra, swap.swap_bytes / swap.sim.host_bandwidth, rel_tol=1e-6)
 
 
+def test_running_requests_grow_before_the_queue_is_admitted():
+    """vLLM's order: 3 blocks of 4 slots; A (prompt 4, 6 outputs) alone from t = 0, B and C (prompt 4,
+    2 outputs) arrive at 0.5. At t = 1 A takes its second block first, B gets the last one and C waits;
+    at t = 2 B's second position block finds none free and B (latest admitted) is preempted, so
+    nobody is admitted that step. C runs only when A finishes at t = 6, never preempted. Admitting
+    before growing let C in at t = 1 and preempted it in the same step, before it ran."""
+    trace = [TraceRequest(0, 0.0, 4, 6), TraceRequest(1, 0.5, 4, 2), TraceRequest(2, 0.5, 4, 2)]
+    res = simulate(trace, tiny_sim("paged", 12, block_size=4, step_time=1.0))
+    a, b, c = res.requests
+    assert (a.admitted, a.finish, a.preemptions) == (0.0, 6.0, 0)
+    assert (b.admitted, b.first_token, b.finish, b.preemptions) == (1.0, 2.0, 7.0, 1)
+    assert (c.admitted, c.first_token, c.finish, c.preemptions) == (6.0, 7.0, 8.0, 0)
+    assert [s.batch for s in res.steps] == [1, 2, 1, 1, 1, 1, 2, 1]
+    assert res.recomputed_tokens == 4  # B's prompt, fed again at t = 6
+
+
+@pytest.mark.timeout(20)
+def test_a_static_reservation_larger_than_the_budget_is_refused_not_simulated_forever():
+    sim = tiny_sim("static", 100, max_seq_len=2048, step_time=1e-3)
+    with pytest.raises(ValueError, match="max_seq_len 2048 .* budget's 100 slots"):
+        simulate([TraceRequest(0, 0.0, 10, 5)], sim)
+
+
+@pytest.mark.timeout(20)
+def test_a_step_with_nobody_running_while_requests_wait_raises_instead_of_looping(monkeypatch):
+    """The loop's own guard, reached here by an admission that admits nobody."""
+    import kvref.serving_sim as serving_sim
+    monkeypatch.setattr(serving_sim, "_admit", lambda sim, running, waiting, t: 0)
+    with pytest.raises(RuntimeError, match="no request can run at t = 0.0 s with 1 waiting"):
+        simulate([TraceRequest(0, 0.0, 10, 5)], tiny_sim("paged", 64, step_time=1e-3))
+
+
+def test_a_constant_step_time_needs_no_roofline_so_mla_models_simulate():
+    """kvref.roofline does not cost MLA models; with a constant step the simulator never asks it to."""
+    cfg = preset("deepseek-v2")
+    sim = SimConfig(cfg, H100_SXM, 1000 * roofline.kv_bytes_per_token(cfg, 2), step_time=0.01)
+    res = simulate([TraceRequest(0, 0.0, 10, 5)], sim)
+    assert res.requests[0].finish == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="MLA"):
+        simulate([TraceRequest(0, 0.0, 10, 5)], SimConfig(cfg, H100_SXM, sim.kv_budget_bytes))
+
+
 def test_a_decode_step_of_the_simulator_costs_kvrefs_roofline_decode_step():
     cfg = preset("llama-3-8b")
     batch, step = steady_decode(cfg, H100_SXM, 20 * 2**30, 4095, torch.bfloat16)
     assert batch == 20 * 2**30 // (4096 * 131072)
     assert math.isclose(step, roofline.decode_time(cfg, H100_SXM, batch, 4095, torch.bfloat16), rel_tol=1e-12)
+
+
+def test_poisson_trace_refuses_a_bool_rate():
+    with pytest.raises(ValueError, match="rate must be a finite number > 0, got True"):
+        poisson_trace(3, True, (1, 2), (1, 2), seed=0)
 
 
 def test_poisson_arrivals_have_the_stated_rate_and_repeat_with_the_seed():

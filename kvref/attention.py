@@ -73,6 +73,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torc
         check_tensor("input_pos", input_pos, shape=(S,), device=q.device, layout="[S]")
         allowed = position_mask(input_pos, T)  # (S, T)
     k, v = repeat_kv(k, H), repeat_kv(v, H)  # (B, H, T, D)
+    # Scaled after the product, in q's dtype: in fp16 a score can overflow (past 65504) before the
+    # 1/sqrt(D); kernels that fold the scale into q first, or accumulate in fp32, avoid that.
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(D)  # (B, H, S, T)
     # masked_fill, not an added -inf: a masked slot's weight is exactly 0 whatever its score.
     scores = scores.masked_fill(~allowed, float("-inf"))

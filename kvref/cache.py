@@ -5,9 +5,13 @@ The KV cache of one attention layer, in the two forms serving engines use.
 Layout everywhere: `[B, Hkv, T, D]` (batch, KV heads, cached positions, head dim).
 Both forms store the S new keys and values at absolute positions `input_pos` with
 `update(input_pos, k_new, v_new)` and return keys and values whose slot j holds position j;
-`seq_len` is T, the last position written + 1, so writing at an earlier position rolls the
-cache back (as after a rejected speculative draft). Only K and V are stored; a query is used
-once, by its own step, and never again.
+`seq_len` is T, the last position written + 1. Only K and V are stored; a query is used once,
+by its own step, and never again.
+
+- `GrowingKVCache` only appends: `input_pos` must be the next S positions, and an earlier
+  position raises ValueError.
+- `StaticKVCache` also accepts a write at an earlier position, which rolls the cache back
+  (as after a rejected speculative draft): `seq_len` becomes that write's last position + 1.
 
 - `GrowingKVCache` concatenates and returns exactly the T positions cached: simple, but each
   step reallocates and the shape changes every step (what Hugging Face's DynamicCache does).
@@ -84,7 +88,7 @@ class StaticKVCache:
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
         for name, value in (("batch", batch), ("n_kv_heads", n_kv_heads), ("max_seq_len", max_seq_len),
                             ("head_dim", head_dim)):
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         shape = (batch, n_kv_heads, max_seq_len, head_dim)  # (B, Hkv, Tmax, D)
         # Zeros, not torch.empty: a masked slot gets weight exactly 0, and 0 x NaN would still be NaN.

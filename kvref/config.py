@@ -69,10 +69,8 @@ class ModelConfig:
             )
         if head_dim % 2 != 0:
             raise ValueError(f"head_dim must be even for RoPE's rotation pairs, got {head_dim}")
-        if self.mla_latent_dim < 0 or self.mla_rope_dim < 0:
-            raise ValueError("mla_latent_dim and mla_rope_dim must be >= 0")
-        for name in ("n_experts", "experts_per_token", "sliding_window", "mla_q_rank", "n_shared_experts",
-                     "first_dense_layers"):
+        for name in ("mla_latent_dim", "mla_rope_dim", "n_experts", "experts_per_token", "sliding_window",
+                     "mla_q_rank", "n_shared_experts", "first_dense_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"ModelConfig.{name} must be an int >= 0, got {value!r}")

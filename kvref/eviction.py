@@ -11,6 +11,9 @@ Policies (which occupied slot to evict when a new token needs one):
   sinks plus a window of the most recent tokens; Xiao et al. 2023, §3);
 - "h2o": heavy hitters (Zhang et al. 2023): the `recent` newest cached entries stay; among the others,
   the one with the least attention accumulated over all the queries so far goes (ties: the oldest).
+  A simplification of H2O, which scores and evicts per head and per sequence: kvref keeps one score
+  per slot, summed over the heads, so every head evicts the same slot; and it takes one sequence
+  per cache (batch 1), so sequences never share a score.
 The per-query oracle is not a cache policy (it needs every key): `oracle_dropped_mass`.
 
 Position schemes, declared by the cache:
@@ -67,11 +70,14 @@ class EvictingKVCache:
             raise ValueError(f"n_sinks ({n_sinks}) must leave at least one slot for the window ({n_slots} slots)")
         if policy == "h2o" and not 0 <= recent < n_slots:
             raise ValueError(f"recent ({recent}) must leave at least one slot for heavy hitters ({n_slots} slots)")
+        if policy == "h2o" and batch != 1:
+            raise ValueError(f"an h2o cache holds one sequence (batch 1), got batch {batch}: its attention score per "
+                             "slot would mix the sequences, which would all evict the same slot")
         self.policy, self.scheme, self.n_sinks, self.recent, self.theta = policy, scheme, n_sinks, recent, theta
         self.k = torch.zeros(batch, n_kv_heads, n_slots, head_dim, dtype=dtype)  # (B, Hkv, n_slots, D)
         self.v = torch.zeros_like(self.k)
         self.slot_pos = torch.full((n_slots,), -1, dtype=torch.long)  # -1: empty
-        self.acc = torch.zeros(n_slots, dtype=torch.float64)  # attention received, summed over B, H, queries
+        self.acc = torch.zeros(n_slots, dtype=torch.float64)  # attention received, summed over H and queries (B = 1)
         self.last_pos = -1
 
     @property
@@ -142,7 +148,7 @@ class EvictingKVCache:
         H, D = q.shape[1], q.shape[3]
         scores = q @ repeat_kv(keys, H).transpose(-2, -1) / math.sqrt(D)  # (B, H, 1, n)
         weights = torch.softmax(scores.float(), dim=-1)
-        self.acc[slots] += weights.sum(dim=(0, 1, 2)).double()  # H2O's score: attention each key received
+        self.acc[slots] += weights.sum(dim=(0, 1, 2)).double()  # H2O's score, pooled over heads: attention each key received
         return weights.to(q.dtype) @ repeat_kv(values, H)  # (B, H, 1, D)
 
 

@@ -31,7 +31,8 @@ class Hardware:
     name: str
     peaks: Mapping  # {torch.dtype or "tf32": dense FLOP/s}; stored as sorted (key, FLOP/s) pairs
     mem_bandwidth: float  # bytes/s: HBM bandwidth
-    memory_bytes: int     # bytes: the capacity the device reports (nvidia-smi), all of it usable in the model
+    memory_bytes: int     # bytes: the capacity the device reports (nvidia-smi); an upper bound on what a model
+    #                       can use (the CUDA context, the allocator's reserve and fragmentation take some)
     source: str           # where the numbers come from
     n_devices: int = field(default=1)  # > 1: n devices as one (tensor parallel, communication ignored)
 
@@ -184,6 +185,11 @@ class EnergyCosts:
 
 
 # The two sets card11 compares. Neither is a measurement of a GPU you can rent: see the sources.
+# A sanity bound from the H100 SXM datasheet (700 W board power, 989e12 dense bf16 FLOP/s =
+# 494.5e12 FMA/s): at full rate the whole board spends at most 700 / 494.5e12 J = 1.42 pJ per FMA,
+# memory and everything else included. 5 pJ/FMA at that rate would draw 2.5 kW, and Horowitz's
+# 45 nm 1.1 + 0.4 pJ is already above the whole board's budget per FMA on this modern part.
+H100_SXM_BOARD_WATTS = 700.0  # NVIDIA H100 datasheet: SXM max thermal design power "up to 700 W"
 SOURCE_CARD_ENERGY = EnergyCosts(
     "source card", 0.5, 5.0,
     "the twelve-card seed (000_..., card 11): 'A KV lookup consumes 0.5 pJ/bit while a FP16 FMA consumes "

@@ -9,10 +9,15 @@ Conventions (KIVI's, Liu et al. 2024, arXiv 2402.02750, §3):
   x is read back as q·s + z.
 - symmetric: s = max|x| / (2^(bits-1) - 1); q = round(x / s), in -(2^(bits-1) - 1) ..
   2^(bits-1) - 1 (INT4: -7 .. 7, INT8: -127 .. 127, the restricted range: -8 would have no
-  positive twin); x is read back as q·s. Stored as q + 2^(bits-1) (offset binary), unsigned.
-Either way |x - deq(q(x))| <= s / 2: rounding moves a value by at most half a step, and the
-range never clips (checked with hypothesis in checks/test_kvref_kv_quant.py). A group whose
-elements are all equal has s = 0: kvref stores s = 0 and reads back z (asymmetric) or 0.
+  positive twin); x is read back as q·s. Stored as q + 2^(bits-1) - 1, unsigned (0 .. 2^bits - 2).
+Either way, with s and z kept in fp32 (`quantize` then `dequantize`, `fake_quantize`),
+|x - deq(q(x))| <= s / 2: rounding moves a value by at most half a step, and the range never
+clips (checked with hypothesis in checks/test_kvref_kv_quant.py). A stored block (`store`,
+`load`, `QuantizedKVCache`) keeps s and z in `scale_dtype` (fp16 by default) while its codes were
+rounded against the fp32 ones, so it reads back within s / 2 + |q|·|s - ŝ| + |z - ẑ|, ŝ and ẑ
+the stored values (fp16: |z - ẑ| up to |z|·2^-11). For a group far from zero, such as a KIVI
+outlier channel quantized per channel, |z - ẑ| can exceed s / 2 (also checked there).
+A group whose elements are all equal has s = 0: kvref stores s = 0 and reads back z (asymmetric) or 0.
 
 Axes, on `[B, Hkv, T, D]`:
 - "token": a group is `group_size` consecutive channels of one token (group_size = D: one scale
@@ -58,7 +63,7 @@ class QuantScheme:
             raise ValueError(f"bits must be 8, 4 or 2, got {self.bits!r}")
         if self.axis not in AXES:
             raise ValueError(f"axis must be 'token' or 'channel', got {self.axis!r}")
-        if not isinstance(self.group_size, int) or self.group_size < 0:
+        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 0:
             raise ValueError(f"group_size must be an int >= 0 (0: the whole axis), got {self.group_size!r}")
 
 
@@ -232,7 +237,13 @@ def quantized_cache_nbytes(cfg: ModelConfig, batch: int, seq_len: int, scheme: Q
     """`.nbytes` of a filled QuantizedKVCache per layer, summed over layers (real shapes on the meta device: no storage).
 
     Every layer's cache receives `seq_len` positions of K and V of shape `[batch, Hkv, T, D]`.
+    Not for MLA models: they cache one latent and a shared RoPE key per token, not K and V per head.
     """
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"cfg must be a kvref.config.ModelConfig, got {type(cfg).__name__}")
+    if cfg.is_mla:
+        raise ValueError(f"{cfg.name or 'this config'} uses MLA: its cache holds a latent of {cfg.mla_latent_dim} and a "
+                         "RoPE key per token, not K and V per KV head, so quantized_cache_nbytes does not apply")
     shape = (batch, cfg.n_kv_heads, seq_len, cfg.head_dim)
     # Small caches are filled for real on the CPU (faster than meta's Python kernels); big ones on meta.
     device = "cpu" if math.prod(shape) <= 1 << 16 else "meta"

@@ -14,9 +14,22 @@ o_h = W_uv[h] Σ_j p_j c_j feeds W_o, and W_o[:, h] W_uv[h] is one [d_model, C] 
 Both forms are here (`mla_scores_naive` / `mla_scores_absorbed`, `mla_output_naive` /
 `mla_output_absorbed`) and `MLATransformer(absorbed=...)` runs either.
 
-Weight names follow Hugging Face's DeepseekV3 (`kv_a_proj_with_mqa`, `kv_a_layernorm`, `kv_b_proj`)
-without query compression (q_lora_rank None) and with half-split RoPE (rope_interleave False), so
-its weights copy across. `head_dim` D is both qk_nope_head_dim and v_head_dim.
+Folding W_uv into W_o is correct algebra but not how engines serve MLA: FlashMLA and vLLM absorb
+W_uk into the query and apply W_uv to the latent context separately, then W_o. The folded
+`absorb_output` holds H·d_model·C weights: 469.8M per DeepSeek-V3 layer (H 128, d_model 7168,
+C 512) against 117.4M for W_o plus 8.4M for W_uv, about 3.7x the weight bytes a decode step reads.
+
+Weight names follow Hugging Face's DeepseekV3 (`q_a_proj`, `q_a_layernorm`, `q_b_proj`,
+`kv_a_proj_with_mqa`, `kv_a_layernorm`, `kv_b_proj`); queries go through the q_lora_rank
+bottleneck when `cfg.mla_q_rank` is set (both presets: 1536) and through one `q_proj` otherwise.
+`head_dim` D is both qk_nope_head_dim and v_head_dim. Where kvref differs from the released
+checkpoints: it rotates the RoPE dims half-split, with plain RoPE, and scales scores by
+1/sqrt(D + Dr). DeepSeek-V2/V3's checkpoints store the RoPE dims interleaved (their
+modeling_deepseek.py reorders q_pe and k_pe with a view/transpose before `rotate_half`;
+transformers' DeepseekV3Config defaults to rope_interleave=True), and they extend the context with
+YaRN, whose mscale multiplies the softmax scale. kvref's weights copy across to transformers'
+DeepseekV3 with rope_interleave=False and no rope scaling (checks/test_kvref_compress.py, which
+compares them with q_lora_rank None).
 
 The other two ways card14 stores less: kvref/low_rank.py and kvref/layer_selective.py.
 

@@ -9,7 +9,8 @@
 - `ElementwiseOps` counts what FlopCounterMode does not see: for every aten mul, add, sub and
   div on a floating-point tensor, one operation per element of its output (x * cos on an
   `[B, H, S, D]` tensor: B·H·S·D multiplies). Negation, copies, casts, concatenation and indexing
-  move or relabel data and count nothing; sin, cos and exp are tallied apart, as transcendentals.
+  move or relabel data and count nothing; sin, cos and exp are tallied apart, as transcendentals,
+  and pow (RMSNorm's x²) apart again, as pow: none of them is in `.flops`.
 
 Both are `InstrumentMode`s: TorchDispatchModes that opt out of the torch._dynamo wrapper PyTorch
 (2.13) puts around every mode's `__torch_dispatch__`. That wrapper imports torch._dynamo on a
@@ -29,14 +30,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
 ARITHMETIC = {aten.mul: "mul", aten.add: "add", aten.sub: "sub", aten.div: "div"}
-TRANSCENDENTAL = {aten.sin: "sin", aten.cos: "cos", aten.exp: "exp", aten.pow: "pow"}
+TRANSCENDENTAL = {aten.sin: "sin", aten.cos: "cos", aten.exp: "exp"}
+POWER = {aten.pow: "pow"}  # x ** p: RMSNorm's x² (a multiply per element for p = 2), tallied on its own
 
 
 class InstrumentMode(TorchDispatchMode):
     """A TorchDispatchMode whose `__torch_dispatch__` is not wrapped in `torch._dynamo.disable`.
 
-    `_should_skip_dynamo` is PyTorch's documented switch for this (see TorchDispatchMode); on a
-    torch without it, the override does nothing and the first op only costs the import.
+    `_should_skip_dynamo` is a private classmethod of TorchDispatchMode whose own docstring calls
+    it a temporary measure, not a public API: a later torch may drop or change it. On a torch
+    without it, the override does nothing and the first op only costs the import.
     """
 
     @classmethod
@@ -90,7 +93,7 @@ class ElementwiseOps(InstrumentMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         packet = func.overloadpacket
-        name = ARITHMETIC.get(packet) or TRANSCENDENTAL.get(packet)
+        name = ARITHMETIC.get(packet) or TRANSCENDENTAL.get(packet) or POWER.get(packet)
         if name and isinstance(out, torch.Tensor) and out.is_floating_point():
             self.by_op[name] += out.numel()
         return out

@@ -16,6 +16,10 @@ token ids, `key_i = sha256(key_{i-1} ‖ tokens of block i)`, so a key names the
 to the end of its block. A new sequence whose first blocks' keys are cached reuses those
 blocks (hits) instead of computing them (misses). A cached block whose refcount falls to 0 stays
 cached on the free list, least recently freed first; taking it for a new allocation evicts it.
+kvref counts a hit for every leading full block whose key is cached, the prompt's last block
+included. An engine still has to run the prompt's last token to get the logits of the first new
+token: vLLM v1 caps a prefix hit at num_tokens - 1 tokens, so a prompt made entirely of cached
+full blocks has its last block computed again there.
 
 Modelled on vLLM: Kwon et al., SOSP 2023 (PagedAttention), §4.1–4.4; vllm/v1/core/block_pool.py
 (free block queue, cached blocks, LRU eviction) and vllm/v1/core/kv_cache_utils.py
@@ -115,8 +119,9 @@ class BlockAllocator:
         return block
 
     def _release(self, block: int) -> None:
+        if self.refcount[block] <= 0:  # a bookkeeping bug: raised, not asserted (python -O drops asserts)
+            raise RuntimeError(f"BlockAllocator: block {block} released more often than held")
         self.refcount[block] -= 1
-        assert self.refcount[block] >= 0, f"block {block} released more often than held"
         if self.refcount[block] == 0:
             self.free[block] = None  # to the tail: reused last, so a cached prefix lives as long as possible
 

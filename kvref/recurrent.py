@@ -69,7 +69,7 @@ def linear_attention_init(batch: int, heads: int, d_key: int, d_value: int, dtyp
                           device=None) -> LinearAttentionState:
     """The empty state: no token seen, S = 0 and z = 0."""
     for name, x in (("batch", batch), ("heads", heads), ("d_key", d_key), ("d_value", d_value)):
-        if not isinstance(x, int) or x < 1:
+        if not isinstance(x, int) or isinstance(x, bool) or x < 1:
             raise ValueError(f"{name} must be an int >= 1, got {x!r}")
     return LinearAttentionState(torch.zeros(batch, heads, d_key, d_value, dtype=dtype, device=device),
                                 torch.zeros(batch, heads, d_key, dtype=dtype, device=device))

@@ -10,8 +10,10 @@ long as its bytes at bandwidth.
     time = max(flops / hw.peak_flops(dtype), bytes / hw.mem_bandwidth)
 
 That is the perfect-overlap lower bound: compute and memory traffic fully hidden behind each
-other. The sum of the two (`Cost.time_no_overlap`) is the no-overlap upper bound; a real step
-lies between (and above both by launch overheads, caches and imperfect kernels). The peak is that
+other. The sum of the two (`Cost.time_no_overlap`) is the no-overlap time at peak: compute, then
+memory traffic, each at its peak rate. It bounds a real step from above only if the step reaches
+both peaks; launch overheads, cache misses and kernels below peak can put a real step above both
+figures. The peak is that
 of the dtype the matmuls compute in: fp32 matmuls get the fp32 peak (PyTorch does not use TF32
 unless allowed), bf16 the bf16 one. A step whose arithmetic intensity (FLOPs per byte) is below
 the ridge point (peak / bandwidth) is memory-bound.
@@ -35,7 +37,8 @@ positions, L layers, H query heads, D head dim):
 
 Capacity: a model needs every parameter (`n_params`, a tied embedding once) plus its cache in
 the device's memory (`memory_needed`, activations and the allocator's overheads ignored).
-MLA models are sized by `kv_bytes_per_token` only: their weight shapes are not in ModelConfig.
+MLA models are sized by `kv_bytes_per_token` only: kvref.roofline does not count the FLOPs or
+weights of their projections (the low-rank q and kv paths of kvref/mla.py).
 """
 
 from __future__ import annotations
@@ -95,8 +98,8 @@ def _check_config(cfg) -> None:
 def _check_costed(cfg) -> None:
     _check_config(cfg)
     if cfg.is_mla:
-        raise ValueError("MLA weight shapes are not in ModelConfig: kvref.roofline counts FLOPs and "
-                         "weights of GQA/MHA models only (kv_bytes_per_token handles MLA)")
+        raise ValueError("kvref.roofline does not cost MLA models: it counts the FLOPs and weights of GQA/MHA "
+                         "attention only (kv_bytes_per_token handles MLA)")
 
 
 # --- the roofline ---------------------------------------------------------------------------
@@ -104,7 +107,7 @@ def _check_costed(cfg) -> None:
 def step_time(flops: float, bytes_: float, hw: Hardware, dtype: torch.dtype, allow_tf32: bool = False) -> float:
     """Seconds for `flops` FLOPs in `dtype` and `bytes_` bytes, perfectly overlapped: the slower of the two.
 
-    A lower bound on the step's time (compare `step_time_no_overlap`, the upper bound).
+    A lower bound on the step's time (compare `step_time_no_overlap`, the no-overlap time at peak).
     """
     _check_nonnegative("flops", flops)
     _check_nonnegative("bytes_", bytes_)
@@ -115,7 +118,9 @@ def step_time(flops: float, bytes_: float, hw: Hardware, dtype: torch.dtype, all
 
 def step_time_no_overlap(flops: float, bytes_: float, hw: Hardware, dtype: torch.dtype,
                          allow_tf32: bool = False) -> float:
-    """The same step with compute and memory traffic one after the other: an upper bound."""
+    """The same step with compute and memory traffic one after the other, each at peak.
+
+    Not a bound on a real step's time: kernels below peak and launch overheads can exceed it."""
     _check_nonnegative("flops", flops)
     _check_nonnegative("bytes_", bytes_)
     _check_hardware(hw)
@@ -152,7 +157,7 @@ class Cost:
         return step_time(self.flops, self.bytes, hw, dtype)
 
     def time_no_overlap(self, hw: Hardware, dtype: torch.dtype) -> float:
-        """No overlap: compute time plus memory time (an upper bound)."""
+        """No overlap: compute time plus memory time, each at peak."""
         return step_time_no_overlap(self.flops, self.bytes, hw, dtype)
 
     def memory_bound(self, hw: Hardware, dtype: torch.dtype) -> bool:

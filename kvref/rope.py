@@ -1,10 +1,14 @@
 """Spoiler for card06: rotary position embedding, both conventions, re-rotation (and the RoPE of kvref's model).
 
-Half-split convention (Llama, GPT-NeoX, Hugging Face): dimension i of the first half pairs with
-dimension i + r/2. Interleaved convention (GPT-J, the RoFormer paper): dimension 2i pairs with
+Half-split convention (GPT-NeoX, Hugging Face's Llama): dimension i of the first half pairs with
+dimension i + r/2. Interleaved convention (GPT-J, the RoFormer paper, Meta's reference Llama,
+whose `apply_rotary_emb` views adjacent pairs as complex numbers): dimension 2i pairs with
 2i + 1. Either way pair i is rotated by the angle pos · θ^(-2i/r), where r is the number of
 rotated dimensions (r = D, or r < D for partial rotary, whose last D - r dimensions pass
-through unrotated). The two conventions give different numbers for the same weights.
+through unrotated). The two conventions give different numbers for the same weights: Hugging
+Face's Llama conversion script permutes the rows of wq and wk so that its half-split
+`rotate_half` computes what Meta's interleaved code does on the original checkpoint. A model is
+"half-split" or "interleaved" only together with the layout of its weights.
 
 `rope_cos_sin`, `rotate_half` and `apply_rope` are what kvref's model runs (half-split, all D
 dimensions, in the activations' dtype). `rope_tables`, `rope_apply`, `rope_rotate` and
@@ -87,6 +91,8 @@ def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, convention
     Computes in cos's dtype (fp32 or float64) and returns x's dtype. Only this function touches
     x's elements: 2 multiplies and 1 add per rotated element (the sign flip is not arithmetic).
     """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     r = cos.shape[-1]
     if x.shape[-1] < r or cos.shape != sin.shape or x.shape[-2] != cos.shape[-2]:
         raise ValueError(f"x {list(x.shape)} needs S = {cos.shape[-2]} positions and at least {r} dimensions "

@@ -177,6 +177,10 @@ def admit_fcfs(running: list[Sequence], waiting: list[Sequence], max_batch: int,
 def serve(model: Transformer, requests: list[Sequence], arrival_steps: list[int], max_batch: int,
           kv_budget_tokens: int) -> dict[int, list[int]]:
     """Serve requests that arrive at given iterations; returns each request's output tokens by rid."""
+    if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+        raise ValueError(f"max_batch must be an int >= 1 (requests per step), got {max_batch!r}")
+    if len(arrival_steps) != len(requests):
+        raise ValueError(f"one arrival step per request: {len(arrival_steps)} for {len(requests)} requests")
     pending = sorted(zip(arrival_steps, range(len(requests))))
     running, waiting, done, step = [], [], {}, 0
     while pending or running or waiting:

@@ -9,7 +9,8 @@ constant). Two ways to hold memory:
   (what systems before PagedAttention did: Kwon et al. §3, fig. 2);
 - "paged": a request holds ceil(positions / block_size) blocks, growing by one block when
   its last one fills; when no block is free the latest-admitted request is preempted (vLLM's
-  policy), by recompute or by swap.
+  policy), by recompute or by swap. As in vLLM v1's scheduler, each step grows the running
+  requests first and admits from the queue only if that preempted nobody.
 It logs every step (time, batch, memory used and allocated) and every change in the number
 of requests in the system, and reports throughput, TTFT and TPOT percentiles, memory
 utilisation and waste (allocated slots not holding a token's K/V). `steady_decode` (card05) is
@@ -31,7 +32,8 @@ from kvref import roofline
 from kvref.config import ModelConfig
 from kvref.hardware import Hardware
 
-# PCIe Gen5 x16: 64 GB/s per direction (H100 SXM's host link; PCI-SIG spec, 32 GT/s x 16 lanes).
+# PCIe Gen5 x16 (H100 SXM's host link; PCI-SIG spec, 32 GT/s x 16 lanes): 64 GB/s per direction raw,
+# 63.0 GB/s after 128b/130b encoding; pinned host copies reach less. An upper bound on the swap rate.
 HOST_BANDWIDTH = 64e9
 
 
@@ -53,7 +55,7 @@ def poisson_trace(n: int, rate: float, prompt_lens: tuple[int, int], output_lens
     on the inclusive ranges given. The same seed gives the same trace.
     """
     _check_int("n", n, 1)
-    if not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
+    if not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and math.isfinite(rate) and rate > 0):
         raise ValueError(f"rate must be a finite number > 0, got {rate!r}")
     for name, (lo, hi) in (("prompt_lens", prompt_lens), ("output_lens", output_lens)):
         if not (1 <= lo <= hi):
@@ -145,6 +147,10 @@ class SimResult:
         return sum(r.output_len for r in self.requests) / self.makespan
 
     def ttft(self) -> list[float]:
+        """Arrival to the end of the step that generated the first token. The roofline's prefill
+        FLOPs charge the lm_head on every prompt position (kvref.roofline.forward_flops), where an
+        engine computes logits for the last one only: 7.0-7.4% more prefill FLOPs than that for
+        Llama-3-8B's prompts of 16 to 2,048 tokens, which lengthens a roofline-timed TTFT."""
         return [r.first_token - r.arrival for r in self.requests]
 
     def tpot(self) -> list[float]:
@@ -204,6 +210,8 @@ class _Costs:
 
     def __init__(self, sim: SimConfig) -> None:
         self.sim = sim
+        if sim.step_time is not None:
+            return  # a constant step: no roofline to cost (and none needed for configs it cannot cost)
         cfg, nb = sim.cfg, sim.dtype.itemsize
         self.decode_flops_0 = roofline.forward_flops(cfg, 1, 1, 0)  # a decode token with nothing cached
         self.flops_per_key = roofline.forward_flops(cfg, 1, 1, 1) - self.decode_flops_0
@@ -234,6 +242,9 @@ def simulate(trace: list[TraceRequest], sim: SimConfig) -> SimResult:
             raise ValueError(f"request {r.rid} needs {need} positions, more than max_seq_len {sim.max_seq_len}")
         if need > cap if sim.policy == "static" else _blocks(need, bs) * bs > cap:
             raise ValueError(f"request {r.rid} needs {need} positions; the budget holds {cap}")
+    if sim.policy == "static" and sim.max_seq_len > cap:
+        raise ValueError(f"a static reservation of max_seq_len {sim.max_seq_len} slots is more than the budget's "
+                         f"{cap} slots: no request could ever be admitted")
     costs = _Costs(sim)
     records = [RequestRecord(r.rid, r.arrival, r.prompt_len, r.output_len) for r in trace]
     arrivals = sorted(records, key=lambda r: (r.arrival, r.rid))
@@ -251,8 +262,17 @@ def simulate(trace: list[TraceRequest], sim: SimConfig) -> SimResult:
             t = arrivals[nxt].arrival
             continue
         n_waiting = len(waiting)
-        swap_bytes = _admit(sim, running, waiting, t)
-        swap_bytes += _grow(sim, running, waiting, res)
+        # vLLM v1's order: the running requests get the blocks they grow into first, preempting
+        # if they must; the queue is admitted only when nothing was preempted this step, into the
+        # blocks the running ones left free. (v0 with chunked prefill also runs the running ones
+        # first but, after a preemption, holds back only swapped-out requests; v0 without it
+        # schedules prefills first.)
+        swap_bytes, preempted = _grow(sim, running, waiting, res)
+        if not preempted:
+            swap_bytes += _admit(sim, running, waiting, t)
+        if not running:
+            raise RuntimeError(f"no request can run at t = {t} s with {len(waiting)} waiting: the simulator "
+                               f"would log empty steps forever")
         prefills, decode_keys, tokens = [], [], 0
         for live in running:
             context = live.rec.prompt_len + live.generated
@@ -315,12 +335,13 @@ def _admit(sim: SimConfig, running: list[_Live], waiting: list[_Live], t: float)
     return swap_in
 
 
-def _grow(sim: SimConfig, running: list[_Live], waiting: list[_Live], res: SimResult) -> int:
-    """Paged: give each request the block its next position needs, preempting the latest admitted when none is free."""
+def _grow(sim: SimConfig, running: list[_Live], waiting: list[_Live], res: SimResult) -> tuple[int, int]:
+    """Paged: give each request the block its next position needs, preempting the latest admitted
+    when none is free. Returns (swap-out bytes, requests preempted)."""
     if sim.policy == "static":
-        return 0
+        return 0, 0
     total = sim.capacity_tokens // sim.block_size
-    swap_out = 0
+    swap_out = preempted = 0
     for live in list(running):
         if live not in running:
             continue  # preempted below
@@ -329,6 +350,7 @@ def _grow(sim: SimConfig, running: list[_Live], waiting: list[_Live], res: SimRe
             victim = running[-1]
             running.remove(victim)
             victim.rec.preemptions += 1
+            preempted += 1
             if sim.preemption == "swap":
                 swap_out += victim.fed * _kv_tok(sim)
                 victim.swapped = True
@@ -341,7 +363,7 @@ def _grow(sim: SimConfig, running: list[_Live], waiting: list[_Live], res: SimRe
                 break
         if live in running and need > live.blocks:
             live.blocks = need
-    return swap_out
+    return swap_out, preempted
 
 
 def _kv_tok(sim: SimConfig) -> int:

@@ -30,8 +30,19 @@ from kvref.rope import apply_rope, rope_cos_sin
 
 # --- tensor parallelism ------------------------------------------------------------------------
 
+def _check_tp_rank(tp, rank) -> None:
+    for name, value in (("tp", tp), ("rank", rank)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if tp < 1:
+        raise ValueError(f"tp must be >= 1 ranks, got {tp}")
+    if not 0 <= rank < tp:
+        raise ValueError(f"rank must be in 0 .. tp - 1 = {tp - 1}, got {rank}")
+
+
 def tp_query_heads(cfg: ModelConfig, tp: int, rank: int) -> range:
     """The query heads rank `rank` owns: a contiguous H / tp of them."""
+    _check_tp_rank(tp, rank)
     if cfg.n_heads % tp:
         raise ValueError(f"tp = {tp} must divide n_heads = {cfg.n_heads}")
     per = cfg.n_heads // tp
@@ -40,6 +51,7 @@ def tp_query_heads(cfg: ModelConfig, tp: int, rank: int) -> range:
 
 def tp_kv_heads(cfg: ModelConfig, tp: int, rank: int) -> list[int]:
     """The KV heads rank `rank` caches: those its query heads read (head h reads KV head h // G)."""
+    _check_tp_rank(tp, rank)
     if cfg.n_kv_heads % tp and tp % cfg.n_kv_heads:
         raise ValueError(f"tp = {tp} and n_kv_heads = {cfg.n_kv_heads}: one must divide the other")
     return sorted({h // cfg.group_size for h in tp_query_heads(cfg, tp, rank)})
