@@ -121,6 +121,10 @@ WRONG = [
           "return full + n_samples * (-(-(rest + new_tokens) // block_size))",
           "return full + n_samples * ((rest + new_tokens) // block_size + 1)",
           BLOCKS),
+    Wrong("sampling-one-private-block-a-sample",
+          "return full + n_samples * (-(-(rest + new_tokens) // block_size))",
+          "return full + n_samples",
+          BLOCKS),
     # prompt_block_refcounts
     Wrong("refcounts-forget-copy-on-write",
           "counts.append(1 if new_tokens else n_samples)",
