@@ -45,6 +45,7 @@ def hits_in_kvref(first: list[int], second: list[int], block_size: int) -> int:
 @example(a=[5, 6, 7], b=[5, 6, 7], block_size=2)
 @example(a=[1, 2, 3], b=[1, 2, 0], block_size=2)  # the block agrees, the token after it does not
 @example(a=[1, 2, 3, 4, 5, 6], b=[1, 2, 3, 4, 5, 0], block_size=2)  # only the last token of block 2 differs
+@example(a=[1, 2, 3, 4, 5, 6], b=[9, 9, 3, 4, 5, 6], block_size=2)  # blocks 1 and 2 agree: a key chained to block 1 alone collides
 @example(a=[1, 2, 3, 4], b=[2, 1, 3, 4], block_size=2)  # the same tokens in another order: a sum of ids collides
 @example(a=[1, 12, 5, 5], b=[11, 2, 5, 5], block_size=2)  # ids joined without a separator collide: "112"
 @example(a=[128000, 5, 7, 7], b=[0, 5, 7, 7], block_size=2)  # real vocabularies pass 255: bytes(ids) fails, ids % 256 collide
@@ -87,6 +88,7 @@ def blocks_held(n_requests: int, prompt_len: int, block_size: int, prefix_cachin
        block_size=BLOCK_SIZES, dtype=st.sampled_from([torch.bfloat16, torch.float32, torch.float8_e4m3fn]))
 @example(name="llama-2-70b", n_requests=100, prompt_len=1000, block_size=16, dtype=torch.bfloat16)
 @example(name="llama-3-8b", n_requests=8, prompt_len=64, block_size=16, dtype=torch.bfloat16)
+@example(name="llama-3-8b", n_requests=3, prompt_len=40, block_size=16, dtype=torch.float32)  # 4 bytes an element
 def test_prefix_sharing_saved_bytes_are_the_blocks_kvrefs_prefix_cache_holds_once(name, n_requests, prompt_len,
                                                                                   block_size, dtype):
     cfg = preset(name)
@@ -125,6 +127,7 @@ SAMPLING = dict(prompt_len=st.integers(1, 70), n_samples=st.integers(1, 6), new_
 @example(prompt_len=32, n_samples=4, new_tokens=1, block_size=16)
 @example(prompt_len=20, n_samples=4, new_tokens=0, block_size=16)
 @example(prompt_len=20, n_samples=3, new_tokens=13, block_size=16)
+@example(prompt_len=20, n_samples=3, new_tokens=12, block_size=16)  # 4 + 12 fills the copied block exactly: no extra block
 def test_parallel_sampling_blocks_are_what_kvrefs_allocator_holds_after_fork_and_copy(prompt_len, n_samples,
                                                                                        new_tokens, block_size):
     got = impl.parallel_sampling_blocks(prompt_len, n_samples, new_tokens, block_size)
@@ -157,6 +160,7 @@ def test_prompt_block_refcounts_are_kvrefs_after_copy_on_write(prompt_len, n_sam
        link=st.sampled_from([25e9, 64e9, 450e9]))
 @example(name="llama-2-7b", batch=1, seq_len=4096, dtype=torch.bfloat16, link=64e9)
 @example(name="llama-2-70b", batch=8, seq_len=32768, dtype=torch.bfloat16, link=64e9)
+@example(name="llama-3-8b", batch=2, seq_len=1000, dtype=torch.float32, link=25e9)  # 4 bytes an element
 def test_layer_transfer_seconds_move_the_nbytes_of_one_layers_cache(name, batch, seq_len, dtype, link):
     cfg = preset(name)
     got = impl.layer_transfer_seconds(cfg, batch, seq_len, dtype, link)
