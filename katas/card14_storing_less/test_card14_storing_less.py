@@ -298,8 +298,11 @@ def selective_setups(draw):
 
 def _bill_why(cfg, cached, n_past, measured):
     uncached = sorted(set(range(cfg.n_layers)) - set(cached))
-    where = (f"the past tokens through layers 0..{uncached[-1] - 1}, then layer {uncached[-1]}'s K/V projections"
-             if uncached else "nothing: every layer is cached")
+    top = uncached[-1] if uncached else None
+    skipped = sorted(set(cached) & set(range(top))) if uncached else []
+    where = (f"the past tokens through layers 0..{top - 1}"
+             + (f", whose cached layers {', '.join(map(str, skipped))} read their K/V instead of projecting it" if skipped else "")
+             + f", then layer {top}'s K/V projections" if uncached else "nothing: every layer is cached")
     if len(uncached) > 4 and uncached == list(range(uncached[0], uncached[-1] + 1)):
         uncached = f"{uncached[0]}..{uncached[-1]}"
     return (f"FlopCounterMode's formulas counted {measured:,} FLOPs while kvref rebuilt the K/V of uncached layers {uncached} "
