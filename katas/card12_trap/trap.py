@@ -34,7 +34,7 @@ def static_capacity_rps(kv_budget_tokens: int, max_seq_len: int, output_len: int
     The cache holds `kv_budget_tokens` slots; every admitted request reserves `max_seq_len` of
     them until its last token. Every request generates `output_len` tokens (its prompt fits in
     its reservation); every step takes `step_time` seconds whatever the batch. Requests are
-    plentiful: whenever a slot frees up, one is waiting. How many requests run at once (can a
+    plentiful: whenever a reservation frees up, a request is waiting to take it. How many requests run at once (can a
     fraction of a request run?), and how many steps does each one occupy?
 
     Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
