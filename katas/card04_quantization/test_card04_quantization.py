@@ -187,6 +187,7 @@ def test_kv_tokens_in_budget_of_two_7b_models_differ_4x_and_of_two_1t_models_44x
 @given(x=kv_draws(), bits=BITS, axis=AXES, asymmetric=st.booleans())
 @example(x=outlier_channel_keys((1, 2, 8, 8), 2, 10.0), bits=4, axis="channel", asymmetric=True)
 @example(x=outlier_channel_keys((1, 2, 8, 8), 2, 10.0), bits=4, axis="token", asymmetric=False)
+@example(x=kv_tensor((1, 2, 1, 4)), bits=4, axis="channel", asymmetric=True)  # one token: every group constant, scale 0
 def test_kv_quantize_gives_kvrefs_scales_and_codes_within_half_a_step(x, bits, axis, asymmetric):
     call = call_str("kv_quantize", x, bits, axis, asymmetric)
     got = impl.kv_quantize(x, bits, axis, asymmetric)

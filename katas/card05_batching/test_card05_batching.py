@@ -130,10 +130,13 @@ def test_layers_doubled_throughput_ratio_matches_the_serving_simulator(name, hw,
 
 @pytest.mark.kata("layers_doubled_throughput_ratio")
 @given(cfg=gqa_model_configs(), hw=st.sampled_from([A100_40GB, H100_SXM]), dtype=DTYPES,
-       seq_len=st.integers(1, 62), batch=st.integers(1, 300))
-def test_layers_doubled_throughput_ratio_of_small_models_matches_the_serving_simulator(cfg, hw, dtype, seq_len, batch):
+       seq_len=st.integers(1, 62), batch=st.integers(1, 300), spare=st.integers(0, 99))
+@example(cfg=GQA, hw=A100_40GB, dtype=torch.float32, seq_len=10, batch=3, spare=50)  # 3.5 deep sequences: round down
+@example(cfg=GQA, hw=A100_40GB, dtype=torch.float32, seq_len=1, batch=300, spare=0)  # compute-bound steps
+def test_layers_doubled_throughput_ratio_of_small_models_matches_the_serving_simulator(cfg, hw, dtype, seq_len, batch,
+                                                                                      spare):
     deep_seq = kv_cache_bytes_measured(cfg.with_(n_layers=2 * cfg.n_layers), 1, seq_len + 1, dtype)
-    check_ratio(cfg, hw, batch * deep_seq, seq_len, dtype)
+    check_ratio(cfg, hw, batch * deep_seq + spare * deep_seq // 100, seq_len, dtype)
 
 
 @pytest.mark.kata("layers_doubled_throughput_ratio")
@@ -323,3 +326,10 @@ def test_continuous_batching_step_retires_each_request_at_its_last_token_in_arri
     for rids in fake.calls.values():
         expect(rids == sorted(rids, key=lambda r: order.index(r)), call, rids,
                "the running list in admission order: new requests join at its end")
+    returned = {}  # step -> rids in the order that step returned them
+    for rid, (step, _) in finished.items():
+        returned.setdefault(step, []).append(rid)
+    for step, rids in returned.items():
+        expect(rids == sorted(rids, key=lambda r: order.index(r)), call, rids,
+               f"the requests that finished together in step {step} returned in their running order "
+               f"{sorted(rids, key=lambda r: order.index(r))}")

@@ -181,6 +181,21 @@ def test_rope_rotate_takes_each_rows_position_from_input_pos_in_any_order():
 
 
 @pytest.mark.kata("rope_rotate")
+def test_rope_rotate_of_bf16_input_at_long_positions_turns_by_the_exact_position():
+    """Positions are integers: cast to bf16 (8 significant bits), 3001 becomes 3008 and the fastest pair turns 7 rad
+    too far. The angles need the positions as they are, in fp32, whatever x's dtype."""
+    x, pos = rand(1, 2, 4, 16, seed=12, dtype=torch.bfloat16), torch.tensor([257, 1001, 3001, 4095])
+    call = call_str("rope_rotate", x, pos)
+    got = rope.rope_rotate(x, pos)
+    expect_tensor(call, got, x.shape, torch.bfloat16, layout="x's shape and dtype")
+    rounded = pos.to(torch.bfloat16).long().tolist()
+    expect_close(call, got, kvref_rotate(x, pos, 10000.0, "half"), AXES,
+                 atol=fp32_rope_atol(x, 4095) + 2 ** -8 * float(x.abs().max()), rtol=2 ** -7,
+                 why=f"row s turned by input_pos[s] = {pos.tolist()}[s] exactly, in fp32, then rounded to bf16 once; "
+                     f"positions rounded to bf16 would be {rounded}")
+
+
+@pytest.mark.kata("rope_rotate")
 def test_rope_rotate_of_fp16_input_returns_fp16():
     x, pos = rand(1, 2, 6, 16, seed=8, dtype=torch.float16), torch.arange(6)
     call = call_str("rope_rotate", x, pos)

@@ -49,7 +49,8 @@ MQA = GQA.with_(n_kv_heads=1)
 MHA = GQA.with_(n_kv_heads=8)
 # (config, tp): Hkv >= tp (each rank its own heads) and Hkv < tp (heads replicated).
 LAYOUTS = [(GQA, 1), (GQA, 2), (GQA, 4), (MQA, 2), (MQA, 4), (MHA, 2), (MHA, 4)]
-PIPELINE = GQA.with_(n_layers=4, head_dim=8)  # H·D = 64 is not d_model = 32: the hidden state is d_model wide
+# H·D = 96 and the new token's K and V, 2·Hkv·D = 48, are not d_model = 32: the hidden state is d_model wide.
+PIPELINE = GQA.with_(n_layers=4, head_dim=12)
 IDS = torch.randint(0, 64, (BATCH, LENGTH), generator=torch.Generator().manual_seed(7)).numpy()
 
 # Valid (Hkv, tp) pairs: one divides the other (what vLLM accepts); real presets among them.
