@@ -4,7 +4,8 @@ copies of the project for checks that must break a kata on purpose (never the re
 
 Tiers: `pytest checks -m "not slow"` is the fast tier a maintainer runs while editing; `slow` marks
 what must start processes (pytest or kvkata runs in a subprocess, gloo launches, a browser, a
-compiler in a clean interpreter). `pytest checks` runs both.
+compiler in a clean interpreter), and the wrong-answer registries (hundreds of in-process runs).
+`pytest checks` runs both.
 """
 
 from __future__ import annotations
@@ -186,4 +187,4 @@ def pytest_unconfigure(config) -> None:
 
 
 def pytest_configure(config) -> None:
-    config.addinivalue_line("markers", "slow: starts processes")
+    config.addinivalue_line("markers", "slow: starts processes, or runs the kata suite hundreds of times")

@@ -103,6 +103,7 @@ def wrong_answers() -> list:
     return params
 
 
+@pytest.mark.slow  # hundreds of in-process runs of a card's tests: about 0.2 s each
 @pytest.mark.parametrize("solution,wrong", wrong_answers())
 def test_a_plausible_wrong_answer_fails_the_tests_written_to_catch_it(monkeypatch, tmp_path, solution, wrong):
     text = (ROOT / solution).read_text()
