@@ -413,8 +413,9 @@ def test_keep_prefix_cache_of_a_2048_token_system_prompt_on_llama_3_8b():
     """An H100 at $2/h over its 85.5 GB: HBM at about 2.34 cents per GB-hour; the prefix held for one hour."""
     cfg, gb_price = preset("llama-3-8b"), 2.0 / (H100_SXM.memory_bytes / 1e9)
     recompute, storage = prefix_dollars(cfg, H100_SXM, 2048, torch.bfloat16, 2.0, gb_price, 3600.0)
-    threshold = storage / recompute  # about 340 reuses an hour
-    for reuses in (50, 350, 450, 5000):
+    threshold = storage / recompute  # about 339 reuses an hour
+    # 200 and 330 sit below it: K without V (half the storage, 170 reuses) or GiB for GB (316) would keep them.
+    for reuses in (50, 200, 330, 350, 450, 5000):
         got = impl.keep_prefix_cache(cfg, H100_SXM, 2048, torch.bfloat16, reuses, 3600.0, 2.0, gb_price)
         expect_equal(call_str("keep_prefix_cache", shown(cfg), shown(H100_SXM), 2048, torch.bfloat16, reuses, 3600.0, 2.0,
                               gb_price), got, reuses > threshold,
@@ -426,3 +427,7 @@ def test_keep_prefix_cache_of_a_2048_token_system_prompt_on_llama_3_8b():
                               gb_price), got, lifetime < 3600,
                      "the longer a prefix waits for its reuses, the more its storage costs: keep it for a minute, "
                      "not for a day, at 400 reuses")
+    call = call_str("keep_prefix_cache", shown(cfg), shown(H100_SXM), 2048, torch.bfloat16, 0, 3600.0, 2.0, 0.0)
+    expect_equal(call, impl.keep_prefix_cache(cfg, H100_SXM, 2048, torch.bfloat16, 0, 3600.0, 2.0, 0.0), False,
+                 "False: free storage and no reuse, $0 saved against $0 spent; keep only when reuse is worth strictly "
+                 "more than storage")
