@@ -216,4 +216,8 @@ WRONG = [
           "return [s for s, p in enumerate(slot_pos) if p >= 0 and query_pos - s < 0]",
           ("test_negative_distance_keys_are_those_measured_behind_the_query",
            "test_negative_distance_keys_catch_a_query_at_its_slot_index_against_original_positions")),
+    Wrong("negative-keys-in-position-order",
+          "return [s for s, p in enumerate(slot_pos) if query_pos - p < 0]",
+          "return sorted((s for s, p in enumerate(slot_pos) if query_pos - p < 0), key=lambda s: slot_pos[s])",
+          ("test_negative_distance_keys_are_those_measured_behind_the_query",)),
 ]
