@@ -104,19 +104,21 @@ def test_ring_buffer_key_positions_are_the_positions_its_slots_hold(W, T):
 
 @pytest.mark.kata("RingBufferCache")
 def test_ring_buffer_never_holds_more_than_window_positions():
-    W, T, H, Hkv, D = 4, 40, 2, 2, 8
+    W, T, H, Hkv, D, B = 4, 40, 2, 2, 8, 2
     q, k, v, k_rot, _ = run_ring(W, T, H, Hkv, D, seed=5)
-    cache = impl.RingBufferCache(W, 1, Hkv, D, torch.float16)  # the dtype argument is honoured, too
+    k_rot, v = torch.cat([k_rot, -k_rot]), torch.cat([v, -v])  # two sequences: the batch axis is allocated too
+    cache = impl.RingBufferCache(W, B, Hkv, D, torch.float16)  # the dtype argument is honoured, too
     for p in range(T):
         cache.update(p, k_rot[:, :, p:p + 1].half(), v[:, :, p:p + 1].half())
     tensors = {n: x for n, x in vars(cache).items() if isinstance(x, torch.Tensor) and x.is_floating_point()}
     held = sum(x.nbytes for x in tensors.values())
     found = ", ".join(f"{n}: {str(x.dtype).removeprefix('torch.')} {list(x.shape)}" for n, x in tensors.items()) or "none"
-    expect(held == 2 * Hkv * W * D * 2, f"RingBufferCache({W}, 1, {Hkv}, {D}, torch.float16) after {T} updates",
+    want = 2 * B * Hkv * W * D * 2
+    expect(held == want, f"RingBufferCache({W}, {B}, {Hkv}, {D}, torch.float16) after {T} updates",
            f"{held} bytes in floating-point tensors ({found})",
-           f"K and V, float16 [1, {Hkv}, {W}, {D}] each: 2 · {Hkv} · {W} · {D} · 2 B = {2 * Hkv * W * D * 2} bytes, "
-           "allocated once in the dtype given. Any other floating-point tensor the cache keeps counts too: keep "
-           "positions as Python ints or an integer tensor")
+           f"K and V, float16 [{B}, {Hkv}, {W}, {D}] each: 2 · {B} · {Hkv} · {W} · {D} · 2 B = {want} bytes, "
+           "allocated once in the dtype given, for every sequence of the batch. Any other floating-point tensor "
+           "the cache keeps counts too: keep positions as Python ints or an integer tensor")
 
 
 @pytest.mark.kata("RingBufferCache")

@@ -157,7 +157,9 @@ def test_queries_to_reach_ridge_of_llama_on_an_h100_and_an_a100():
              ("llama-2-7b", A100_80GB_SXM, torch.float16, "no GQA: 1 FLOP/B per query token in fp16 against "
               "312e12 / 2.039e12 = 153.0 FLOP/B: 154 tokens"),
              ("llama-3-8b", SLOW_COMPUTE, torch.bfloat16, "a device whose ridge is 2 FLOP/B: one query token (4 FLOP/B) "
-              "is already past it")]
+              "is already past it"),
+             ("llama-2-7b", SLOW_COMPUTE, torch.bfloat16, "no GQA: 1 FLOP/B per query token in bf16 against a ridge of "
+              "exactly 2 FLOP/B: 2 tokens reach it (at least the ridge, not past it)")]
     for name, hw, dtype, why in cases:
         cfg = preset(name)
         got = impl.queries_to_reach_ridge(cfg, hw, dtype)

@@ -322,16 +322,19 @@ def test_energy_crossover_batch_of_real_presets_with_both_constant_sets():
 @MEASURED
 @pytest.mark.kata("dollars_per_million_tokens")
 @given(cfg=small_configs(), hw=DEVICES, n=st.sampled_from([1, 2, 8]), batch=st.integers(1, 8),
-       seq_len=st.integers(1, 40), price=st.floats(0.5, 10))
-@example(cfg=GQA, hw=H100_SXM, n=2, batch=3, seq_len=7, price=2.0)  # memory-bound
-@example(cfg=GQA, hw=STARVED, n=1, batch=5, seq_len=9, price=3.0)  # compute-bound
-def test_dollars_per_million_tokens_bill_every_device_for_the_measured_roofline_step(cfg, hw, n, batch, seq_len, price):
+       seq_len=st.integers(1, 40), price=st.floats(0.5, 10), dtype=DTYPES)
+@example(cfg=GQA, hw=H100_SXM, n=2, batch=3, seq_len=7, price=2.0, dtype=torch.bfloat16)  # memory-bound
+@example(cfg=GQA, hw=STARVED, n=1, batch=5, seq_len=9, price=3.0, dtype=torch.bfloat16)  # compute-bound
+@example(cfg=GQA, hw=STARVED, n=1, batch=5, seq_len=9, price=3.0, dtype=torch.float32)  # fp32: 4 x slower math
+@example(cfg=GQA, hw=H100_SXM, n=2, batch=3, seq_len=7, price=2.0, dtype=torch.float32)  # fp32: 4-byte elements
+def test_dollars_per_million_tokens_bill_every_device_for_the_measured_roofline_step(cfg, hw, n, batch, seq_len, price,
+                                                                                     dtype):
     device = hw.tensor_parallel(n) if n > 1 else hw
-    got = impl.dollars_per_million_tokens(cfg, device, batch, seq_len, torch.bfloat16, price)
-    flops, bytes_ = measured_step(cfg, batch, seq_len, torch.bfloat16)
-    step = max(flops / device.peak_flops(torch.bfloat16), bytes_ / device.mem_bandwidth)
+    got = impl.dollars_per_million_tokens(cfg, device, batch, seq_len, dtype, price)
+    flops, bytes_ = measured_step(cfg, batch, seq_len, dtype)
+    step = max(flops / device.peak_flops(dtype), bytes_ / device.mem_bandwidth)
     want = price * n / 3600 * step / batch * 1e6
-    expect_real(call_str("dollars_per_million_tokens", shown(cfg), shown(device), batch, seq_len, torch.bfloat16, price),
+    expect_real(call_str("dollars_per_million_tokens", shown(cfg), shown(device), batch, seq_len, dtype, price),
                 got, want, why=f"${want:.6g}: {n} device(s) x ${price:.4g}/h for the roofline step of {step:.4g} s "
                                f"(measured {flops:,} FLOPs, {bytes_:,} B), which generates {batch} tokens; x 1e6")
 
@@ -387,21 +390,25 @@ def prefix_dollars(cfg, hw, prefix_len, dtype, price, gb_price, lifetime):
 @given(cfg=st.one_of(small_configs(), st.sampled_from([preset("llama-3-8b"), preset("mistral-7b")])),
        hw=st.one_of(DEVICES, st.builds(lambda hw, n: hw.tensor_parallel(n), DEVICES, st.integers(2, 8))),
        prefix_len=st.integers(1, 64), lifetime=st.floats(1, 86400), gb_price=st.floats(1e-3, 1.0),
-       price=st.floats(0.5, 10))
-@example(cfg=GQA, hw=H100_SXM, prefix_len=16, lifetime=3600.0, gb_price=0.0234, price=2.0)  # memory-bound
-@example(cfg=GQA, hw=STARVED, prefix_len=40, lifetime=600.0, gb_price=0.5, price=2.0)  # compute-bound
-@example(cfg=GQA, hw=H100_SXM.tensor_parallel(4), prefix_len=16, lifetime=3600.0, gb_price=0.0234, price=2.0)  # 4 devices billed
+       price=st.floats(0.5, 10), dtype=DTYPES)
+@example(cfg=GQA, hw=H100_SXM, prefix_len=16, lifetime=3600.0, gb_price=0.0234, price=2.0, dtype=torch.bfloat16)  # memory-bound
+@example(cfg=GQA, hw=STARVED, prefix_len=40, lifetime=600.0, gb_price=0.5, price=2.0, dtype=torch.bfloat16)  # compute-bound
+@example(cfg=GQA, hw=H100_SXM.tensor_parallel(4), prefix_len=16, lifetime=3600.0, gb_price=0.0234, price=2.0,
+         dtype=torch.bfloat16)  # 4 devices billed
+@example(cfg=GQA, hw=STARVED, prefix_len=40, lifetime=600.0, gb_price=0.5, price=2.0, dtype=torch.float32)  # fp32 math
+@example(cfg=GQA, hw=H100_SXM, prefix_len=16, lifetime=3600.0, gb_price=0.0234, price=2.0, dtype=torch.float32)  # fp32 bytes
 def test_keep_prefix_cache_flips_where_reuses_times_measured_recompute_cost_meet_storage_cost(cfg, hw, prefix_len,
-                                                                                             lifetime, gb_price, price):
+                                                                                             lifetime, gb_price, price,
+                                                                                             dtype):
     # Never reused, a prefix is not worth storing for a second: asked first, before FLOPs are counted.
-    got = impl.keep_prefix_cache(cfg, hw, prefix_len, torch.bfloat16, 0.0, lifetime, price, gb_price)
-    expect_equal(call_str("keep_prefix_cache", shown(cfg), shown(hw), prefix_len, torch.bfloat16, 0.0, lifetime, price,
+    got = impl.keep_prefix_cache(cfg, hw, prefix_len, dtype, 0.0, lifetime, price, gb_price)
+    expect_equal(call_str("keep_prefix_cache", shown(cfg), shown(hw), prefix_len, dtype, 0.0, lifetime, price,
                           gb_price), got, False, "False: 0 reuses save no prefill, and storing the K/V costs more than $0")
-    recompute, storage = prefix_dollars(cfg, hw, prefix_len, torch.bfloat16, price, gb_price, lifetime)
+    recompute, storage = prefix_dollars(cfg, hw, prefix_len, dtype, price, gb_price, lifetime)
     threshold = storage / recompute
     for reuses, keep in ((threshold * 1.0001, True), (threshold * 0.9999, False)):  # 0.01% either side
-        got = impl.keep_prefix_cache(cfg, hw, prefix_len, torch.bfloat16, reuses, lifetime, price, gb_price)
-        expect_equal(call_str("keep_prefix_cache", shown(cfg), shown(hw), prefix_len, torch.bfloat16, reuses, lifetime,
+        got = impl.keep_prefix_cache(cfg, hw, prefix_len, dtype, reuses, lifetime, price, gb_price)
+        expect_equal(call_str("keep_prefix_cache", shown(cfg), shown(hw), prefix_len, dtype, reuses, lifetime,
                               price, gb_price), got, keep,
                      f"{keep}: {reuses:.6g} reuses x ${recompute:.4g} per prefill (roofline of its measured FLOPs and "
                      f"bytes, {hw.n_devices} device(s)) against ${storage:.4g} to store {prefix_len} tokens of K/V "
@@ -413,8 +420,9 @@ def test_keep_prefix_cache_of_a_2048_token_system_prompt_on_llama_3_8b():
     """An H100 at $2/h over its 85.5 GB: HBM at about 2.34 cents per GB-hour; the prefix held for one hour."""
     cfg, gb_price = preset("llama-3-8b"), 2.0 / (H100_SXM.memory_bytes / 1e9)
     recompute, storage = prefix_dollars(cfg, H100_SXM, 2048, torch.bfloat16, 2.0, gb_price, 3600.0)
-    threshold = storage / recompute  # about 340 reuses an hour
-    for reuses in (50, 350, 450, 5000):
+    threshold = storage / recompute  # about 339 reuses an hour
+    # 200 and 330 sit below it: K without V (half the storage, 170 reuses) or GiB for GB (316) would keep them.
+    for reuses in (50, 200, 330, 350, 450, 5000):
         got = impl.keep_prefix_cache(cfg, H100_SXM, 2048, torch.bfloat16, reuses, 3600.0, 2.0, gb_price)
         expect_equal(call_str("keep_prefix_cache", shown(cfg), shown(H100_SXM), 2048, torch.bfloat16, reuses, 3600.0, 2.0,
                               gb_price), got, reuses > threshold,
@@ -426,3 +434,7 @@ def test_keep_prefix_cache_of_a_2048_token_system_prompt_on_llama_3_8b():
                               gb_price), got, lifetime < 3600,
                      "the longer a prefix waits for its reuses, the more its storage costs: keep it for a minute, "
                      "not for a day, at 400 reuses")
+    call = call_str("keep_prefix_cache", shown(cfg), shown(H100_SXM), 2048, torch.bfloat16, 0, 3600.0, 2.0, 0.0)
+    expect_equal(call, impl.keep_prefix_cache(cfg, H100_SXM, 2048, torch.bfloat16, 0, 3600.0, 2.0, 0.0), False,
+                 "False: free storage and no reuse, $0 saved against $0 spent; keep only when reuse is worth strictly "
+                 "more than storage")
