@@ -72,4 +72,4 @@ def merge_split_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.
     the union of the splits' keys, and lse `[B, H]` float32, the log-sum-exp over that union (so
     that merged results can be merged again).
     """
-    raise NotImplementedError("merge_split_partials: weight each split by exp(lse_i - lse), the new lse first, in float32 (about 5 lines)")
+    raise NotImplementedError("merge_split_partials: each split's share of the whole softmax, in float32, without overflow (about 5 lines)")
