@@ -36,7 +36,7 @@ WRONG = [
     Wrong("repeat-instead-of-repeat_interleave",
           "return x.repeat_interleave(G, dim=1)",
           "return x.repeat(1, G, 1, 1)",
-          ("test_repeat_kv_gives_query_head_h_the_kv_head_h_over_G",
+          ("test_repeat_kv_gives_each_query_head_the_kv_head_of_its_group",
            "test_attention_over_repeated_kv_matches_sdpa_with_enable_gqa")),
     Wrong("growing-cache-length-from-the-wrong-axis",
           "return 0 if self.k is None else self.k.shape[2]",

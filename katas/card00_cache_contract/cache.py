@@ -72,7 +72,7 @@ class StaticKVCache:
     `.tolist()`): a CUDA graph replays recorded GPU work on fixed shapes without running your
     Python, so neither a shape nor a branch may depend on the positions' values (the same holds
     for torch.compile's "reduce-overhead" mode, which records CUDA graphs).
-    `seq_len` is T, the last position written + 1 (0 before any write), so writing at an
+    `seq_len` is T, the highest position the latest update wrote + 1 (0 before any write), so writing at an
     earlier position rolls the cache back (as after a rejected speculative draft). Keep it as a
     tensor in `update`; reading `seq_len` may convert it (the host asks between steps).
     """
@@ -83,7 +83,7 @@ class StaticKVCache:
 
     @property
     def seq_len(self) -> int:
-        raise NotImplementedError("StaticKVCache.seq_len: the last position written + 1, as an int (1 line)")
+        raise NotImplementedError("StaticKVCache.seq_len: the highest position the latest update wrote + 1, as an int (1 line)")
 
     def update(self, input_pos: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor):
         raise NotImplementedError("StaticKVCache.update: write at input_pos, keep the length as a tensor, "

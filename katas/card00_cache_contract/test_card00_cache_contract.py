@@ -115,7 +115,7 @@ def greedy_decode(model, prompt, n_new, caches, prefill, decode_step):
 @given(s=attention_shapes())
 @example(s=dict(B=1, H=4, Hkv=2, T=3, S=3, D=4))  # 1 < Hkv < H: repeat and repeat_interleave differ
 @example(s=dict(B=4, H=24, Hkv=3, T=2, S=2, D=80))  # groups of 8
-def test_repeat_kv_gives_query_head_h_the_kv_head_h_over_G(s):
+def test_repeat_kv_gives_each_query_head_the_kv_head_of_its_group(s):
     x = rand(s["B"], s["Hkv"], s["T"], s["D"])
     got = impl.repeat_kv(x, s["H"])
     call = call_str("repeat_kv", x, n_heads=s["H"])
@@ -202,10 +202,13 @@ def test_attend_never_reads_a_later_key(s, data):
 def test_attend_stays_exact_when_scores_reach_the_hundreds(s):
     q, k, v = random_qkv(s)
     q, k = q * LOUD, k * LOUD  # (B, H, S, D), (B, Hkv, T, D)
+    got = impl.attend(q, k, v)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask(s["S"], s["T"]), enable_gqa=True)
     top = (q @ k.repeat_interleave(s["H"] // s["Hkv"], dim=1).transpose(-2, -1)).abs().max() / s["D"] ** 0.5
-    call = call_str("attend", q, k, v) + f" with |q·k|/sqrt(D) up to {top:.0f} (exp overflows float32 past 88.7)"
-    expect_close(call, impl.attend(q, k, v), want, BHTD, LOUD_TOL, LOUD_TOL, LAYOUT)
+    call = call_str("attend", q, k, v) + f" with |q·k|/sqrt(D) up to {top:.0f}"
+    if isinstance(got, torch.Tensor) and got.is_floating_point() and not bool(torch.isfinite(got).all()):
+        call += " (exp overflows float32 past 88.7)"  # said only where it shows: a wrong mask fails here too
+    expect_close(call, got, want, BHTD, LOUD_TOL, LOUD_TOL, LAYOUT)
 
 
 # Slots past the queries' positions in the tests below: stale values this loud (finite: a masked
@@ -478,7 +481,7 @@ def test_static_cache_writes_positions_given_in_any_order(s, data):
         why = f"entry i in slot input_pos[i] (here {pos.tolist()}), not one slice in the order given"
         expect_tensor_equal(ucall + f" -> k[:, :, :{end}] ({why})", k[:, :, :end], k_all[:, :, :end], BHTD, "[B, Hkv, T, D]")
         expect_tensor_equal(ucall + f" -> v[:, :, :{end}] ({why})", v[:, :, :end], v_all[:, :, :end], BHTD, "[B, Hkv, T, D]")
-        expect_equal(ucall + "; then seq_len", cache.seq_len, end, "the last position written + 1")
+        expect_equal(ucall + "; then seq_len", cache.seq_len, end, "the highest position this update wrote + 1")
 
 
 @pytest.mark.kata("StaticKVCache")
@@ -494,9 +497,9 @@ def test_static_cache_update_reads_no_tensor_value_back_to_the_host():
                 cache.update(pos, k_new, v_new)
         except HostRead as read:
             raise Mismatch(f"called {call}: it read a tensor's value back to the host: {read}; expected no such read in "
-                           "update. On a GPU each one waits for the device, which a CUDA graph cannot capture: index with "
-                           "the positions tensor itself (k[:, :, input_pos] = k_new), keep the length a tensor "
-                           "(input_pos.max() + 1) and convert it only when seq_len is read") from None
+                           "update. On a GPU each one waits for the device, which a CUDA graph cannot capture: the write "
+                           "and the length can both stay tensors on the device, and only reading seq_len may convert "
+                           "(kvkata hint StaticKVCache)") from None
 
 
 @pytest.mark.kata("StaticKVCache")

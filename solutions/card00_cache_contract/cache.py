@@ -90,7 +90,7 @@ class StaticKVCache:
     `.tolist()`): a CUDA graph replays recorded GPU work on fixed shapes without running your
     Python, so neither a shape nor a branch may depend on the positions' values (the same holds
     for torch.compile's "reduce-overhead" mode, which records CUDA graphs).
-    `seq_len` is T, the last position written + 1 (0 before any write), so writing at an
+    `seq_len` is T, the highest position the latest update wrote + 1 (0 before any write), so writing at an
     earlier position rolls the cache back (as after a rejected speculative draft). Keep it as a
     tensor in `update`; reading `seq_len` may convert it (the host asks between steps).
     """
