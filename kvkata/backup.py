@@ -23,8 +23,8 @@ from datetime import datetime
 from pathlib import Path
 
 from kvkata import ROOT, manifest
+from kvkata.paths import PRISTINE, pristine_text
 
-PRISTINE = Path(__file__).resolve().parent / "pristine.zip"
 
 
 def backups_dir(root: Path = ROOT) -> Path:
@@ -51,12 +51,6 @@ def snapshot(root: Path = ROOT, dest: Path = PRISTINE) -> list[Path]:
     return paths
 
 
-def pristine_text(rel: Path) -> str:
-    with zipfile.ZipFile(PRISTINE) as z:
-        try:
-            return z.read(Path(rel).as_posix()).decode()
-        except KeyError:
-            raise FileNotFoundError(f"{rel} has no pristine copy in {PRISTINE.name}") from None
 
 
 class Unparsable(ValueError):

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from kvkata import ROOT, manifest
+from kvkata.paths import pristine_text
 
 OUTCOMES = ("solved", "failing", "todo")  # what a run records
 STATUSES = ("solved", "failing", "todo", "not run", "stale")  # what the board shows
@@ -57,8 +58,6 @@ def stub_hashes(katas=None, root: Path = ROOT) -> dict[str, str | None]:
 
 def pristine_hashes(katas=None) -> dict[str, str | None]:
     """key -> hash of the kata's stub as shipped (kvkata/pristine.zip), as `stub_hashes` hashes it."""
-    from kvkata import backup
-
     katas = manifest.all_katas() if katas is None else list(katas)
     parsed: dict[str, tuple[str, dict] | None] = {}
     out = {}
@@ -66,7 +65,7 @@ def pristine_hashes(katas=None) -> dict[str, str | None]:
         rel = f"katas/{kata.dir}/{kata.module}.py"
         if rel not in parsed:
             try:
-                parsed[rel] = _parse(backup.pristine_text(Path(rel)))
+                parsed[rel] = _parse(pristine_text(Path(rel)))
             except (OSError, FileNotFoundError, ValueError):  # no archive, or no copy of this file in it
                 parsed[rel] = None
         out[key(kata)] = _hash(parsed[rel], kata.name)
