@@ -198,6 +198,14 @@ def test_paged_table_kata_worked_example_70_tokens_in_blocks_of_16():
     with pytest.raises(MemoryError):
         mine.allocate("b", 33)  # 3 blocks, 2 free
     expect_equal("num_free_blocks after a refused allocate", mine.num_free_blocks, 2, "a refused allocate changes nothing")
+    try:
+        got = mine.block_table("b")
+    except KeyError:
+        pass
+    else:
+        raise Mismatch(f"called block_table('b') after allocate('b', 33) was refused: returned {got!r}; expected KeyError: "
+                       "a refused allocate changes nothing, so 'b' was never started (check the free blocks before "
+                       "recording the sequence)")
     mine.allocate("b", 32)
     expect(set(mine.block_table("b")).isdisjoint(table), "block_table('b')", mine.block_table("b"),
            f"blocks not held by 'a' ({table})")
