@@ -67,7 +67,7 @@ WRONG = [
     Wrong("per-token-d_model-for-kv-heads-times-head-dim", TOKEN, TOKEN.replace("cfg.n_kv_heads * cfg.head_dim", "cfg.d_model"),
           (PER_TOKEN, PER_TOKEN_PRESETS, PER_TOKEN_70B, PER_TOKEN_MQA)),
     Wrong("per-token-mqa-as-an-eighth", TOKEN, TOKEN.replace("cfg.n_kv_heads", "max(cfg.n_kv_heads, cfg.n_heads // 8)"),
-          (PER_TOKEN, PER_TOKEN_MQA)),
+          (PER_TOKEN_MQA,)),
     # --- fits_in_memory ------------------------------------------------------------------------------
     Wrong("fits-strictly-below", FITS_RET, FITS_RET.replace("<=", "<"), (FITS,)),
     Wrong("fits-weights-per-sequence", FITS_RET, FITS_RET.replace("return weights", "return batch * weights"), (FITS,)),
@@ -115,6 +115,13 @@ WRONG = [
     Wrong("roofline-window-of-w-plus-one", KEYS, "keys = min(T, cfg.sliding_window + 1) if (use_cache and cfg.sliding_window) else T",
           (ROOF_WINDOW,)),
     Wrong("roofline-cached-step-feeds-the-whole-sequence", "S = 1 if use_cache else T", "S = T", (ROOF, ROOF_LAWS)),
+    Wrong("roofline-window-caps-the-reads-not-the-scores", FLOPS, FLOPS.replace("* keys *", "* T *"), (ROOF_WINDOW,)),
+    Wrong("roofline-window-caps-the-scores-not-the-reads", READ, READ.replace("batch, keys, dtype", "batch, T, dtype"),
+          (ROOF_WINDOW,)),
+    Wrong("roofline-weights-in-two-bytes", "bytes_ = weights * dtype.itemsize", "bytes_ = weights * 2", (ROOF,)),
+    Wrong("roofline-cache-in-two-bytes", READ, READ.replace("batch, keys, dtype", "batch, keys, torch.bfloat16"), (ROOF,)),
+    Wrong("roofline-uncached-scores-the-causal-triangle", FLOPS,
+          "flops = 2 * batch * S * weights + 4 * L * batch * H * (S * keys if use_cache else S * (S + 1) // 2) * D", (ROOF,)),
     # --- recompute_to_read_ratio ---------------------------------------------------------------------
     Wrong("recompute-the-whole-forward", NEEDED, "needed = L * layer + d * cfg.vocab_size", (RATIO, RATIO_REAL)),
     Wrong("recompute-every-layer-in-full", NEEDED, "needed = L * layer", (RATIO, RATIO_REAL)),

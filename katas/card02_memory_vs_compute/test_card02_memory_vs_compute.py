@@ -227,6 +227,8 @@ def measured_draws(draw):
 @example(draw=dict(cfg=GQA, hw=STARVED, batch=2, seq_len=6, dtype=torch.bfloat16, use_cache=True))  # compute-bound
 @example(draw=dict(cfg=GQA, hw=STARVED, batch=2, seq_len=6, dtype=torch.float32, use_cache=False))
 @example(draw=dict(cfg=GELU, hw=H100_SXM, batch=2, seq_len=6, dtype=torch.bfloat16, use_cache=True))  # memory-bound
+# Memory-bound in 4-byte elements: weights and cache bytes counted in the dtype's own size, not in fp16's 2.
+@example(draw=dict(cfg=GQA, hw=H100_SXM, batch=3, seq_len=6, dtype=torch.float32, use_cache=True))
 @example(draw=dict(cfg=GQA, hw=H100_SXM, batch=1, seq_len=63, dtype=torch.float32, use_cache=False))
 def test_roofline_step_time_is_the_roofline_of_measured_flops_and_bytes(draw):
     cfg, hw, batch, seq_len, dtype, use_cache = draw.values()
@@ -346,16 +348,18 @@ def test_roofline_step_time_obeys_the_roofline_laws_on_real_presets(draw):
 def test_roofline_step_time_of_mistral_7b_reads_its_window_and_no_further():
     """Mistral-7B's 4096-token sliding window: a rolling buffer, and a step that stops growing."""
     cfg = preset("mistral-7b")
-    at_window = impl.roofline_step_time(cfg, H100_SXM, 8, 4095, torch.bfloat16, True)
     flops, bytes_ = measured_step(cfg, 8, 4095, torch.bfloat16, True)
-    call = call_str("roofline_step_time", preset("mistral-7b"), H100_SXM, 8, 4095, torch.bfloat16, True)
-    expect_real(call, at_window, roofline(flops, bytes_, H100_SXM, torch.bfloat16),
-                why="the measured step whose token attends to exactly 4,096 positions")
-    for seq_len in (4096, 10_000, 32_767):
-        got = impl.roofline_step_time(cfg, H100_SXM, 8, seq_len, torch.bfloat16, True)
-        expect_real(call.replace("4095", f"{seq_len}"), got, at_window,
-                    why=f"{at_window:.6g} s, as at 4,095: past the window a token scores 4,096 keys and the step "
-                        "reads 4,096 positions of K/V per sequence")
+    # On the H100 the step is memory-bound (the window caps its reads); on STARVED, compute-bound (it caps its scores).
+    for hw in (H100_SXM, STARVED):
+        at_window = impl.roofline_step_time(cfg, hw, 8, 4095, torch.bfloat16, True)
+        call = call_str("roofline_step_time", preset("mistral-7b"), shown(hw), 8, 4095, torch.bfloat16, True)
+        expect_real(call, at_window, roofline(flops, bytes_, hw, torch.bfloat16),
+                    why="the measured step whose token attends to exactly 4,096 positions")
+        for seq_len in (4096, 10_000, 32_767):
+            got = impl.roofline_step_time(cfg, hw, 8, seq_len, torch.bfloat16, True)
+            expect_real(call.replace("4095", f"{seq_len}"), got, at_window,
+                        why=f"{at_window:.6g} s, as at 4,095: past the window a token scores 4,096 keys and the step "
+                            "reads 4,096 positions of K/V per sequence")
     # Without a cache, the step computes the whole [T, T] rectangle of scores (kvref masks afterwards):
     # doubling T more than doubles its compute-bound time, window or not.
     short, long = (impl.roofline_step_time(cfg, H100_SXM, 1, n, torch.bfloat16, False) for n in (8191, 16383))
