@@ -30,7 +30,7 @@ PER_SLOT = "return unused * 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * d
 WRONG = [
     # --- static_slot_waste ---------------------------------------------------------------------------
     Wrong("static-the-used-share", STATIC_RET, "return sum(lengths) / (len(lengths) * max_seq_len)", (STATIC,)),
-    Wrong("static-reserves-the-longest-request", STATIC_RET, "return 1 - sum(lengths) / (len(lengths) * max(lengths))", (STATIC,)),
+    Wrong("static-reserves-the-longest-request", STATIC_RET, "return 1 - sum(lengths) / (len(lengths) * max(lengths))", (STATIC,)),  # pinned: TRACE at 2,048
     Wrong("static-floor-division", STATIC_RET, "return 1 - sum(lengths) // (len(lengths) * max_seq_len)", (STATIC,)),
     Wrong("static-unused-slots-per-request", STATIC_RET, "return max_seq_len - sum(lengths) / len(lengths)", (STATIC,)),
     Wrong("static-over-the-used-slots", STATIC_RET,
@@ -38,16 +38,16 @@ WRONG = [
     Wrong("static-median-request", STATIC_RET,
           "return 1 - sorted(lengths)[len(lengths) // 2] / max_seq_len", (STATIC,)),
     # --- reservation_waste_bound ---------------------------------------------------------------------
-    Wrong("bound-short-requests-empty", USED, "used = (1 - short_fraction) * max_seq_len", (BOUND,)),
+    Wrong("bound-short-requests-empty", USED, "used = (1 - short_fraction) * max_seq_len", (BOUND, FLOOR)),
     Wrong("bound-uniform-lengths", USED, "used = short_fraction * short_max / 2 + (1 - short_fraction) * max_seq_len / 2",
           (BOUND,)),
     Wrong("bound-uniform-short-requests", USED, "used = short_fraction * short_max / 2 + (1 - short_fraction) * max_seq_len",
           (BOUND,)),
-    Wrong("bound-ignores-the-fraction", USED, "used = short_max", (BOUND, FLOOR)),
+    Wrong("bound-ignores-the-fraction", USED, "used = short_max", (BOUND,)),
     Wrong("bound-the-short-requests-alone", "return 1 - used / max_seq_len", "return 1 - short_max / max_seq_len",
-          (BOUND, FLOOR)),
+          (BOUND,)),
     Wrong("bound-long-requests-half-full", USED, "used = short_fraction * short_max + (1 - short_fraction) * max_seq_len / 2",
-          (BOUND, FLOOR)),
+          (BOUND,)),
     # --- blocks_for_tokens ---------------------------------------------------------------------------
     Wrong("blocks-floor", CEIL, "return n_tokens // block_size", (BLOCKS,)),
     Wrong("blocks-floor-plus-one", CEIL, "return n_tokens // block_size + 1", (BLOCKS,)),
@@ -59,6 +59,10 @@ WRONG = [
     Wrong("table-free-leaks-the-blocks", "self.free_blocks.extend(self.tables.pop(seq_id))", "self.tables.pop(seq_id)",
           (TABLE, TABLE_70, TABLE_REFUSED, TABLE_FREED)),
     Wrong("table-allocate-floors-the-blocks", NEED, "need = n_tokens // self.block_size", (TABLE, TABLE_70)),
+    Wrong("table-refused-allocate-leaves-an-empty-table",
+          "        need = blocks_for_tokens(n_tokens, self.block_size)\n        if need",
+          "        need = blocks_for_tokens(n_tokens, self.block_size)\n        self.tables[seq_id] = []\n        if need",
+          (TABLE_70,)),
     Wrong("table-allocate-refuses-an-exact-fit", "if need > len(self.free_blocks):", "if need >= len(self.free_blocks):",
           (TABLE_70,)),
     Wrong("table-allocate-takes-blocks-before-the-check",
@@ -88,7 +92,7 @@ WRONG = [
     Wrong("table-free-keeps-the-table", "self.free_blocks.extend(self.tables.pop(seq_id))",
           "self.free_blocks.extend(self.tables[seq_id])", (TABLE_FREED,)),
     Wrong("table-block-ids-from-one", "self.free_blocks = list(range(num_blocks))",
-          "self.free_blocks = list(range(1, num_blocks + 1))", (TABLE,)),
+          "self.free_blocks = list(range(1, num_blocks + 1))", (TABLE, TABLE_FREED)),
     # --- paged_slot_waste ----------------------------------------------------------------------------
     Wrong("paged-floor-blocks", HELD, "held = sum(n // block_size for n in lengths) * block_size", (PAGED, PAGED_TRACE)),
     Wrong("paged-blocks-pooled-over-the-trace", HELD, "held = blocks_for_tokens(sum(lengths), block_size) * block_size",
@@ -115,8 +119,3 @@ WRONG = [
           "unused = paged_slot_waste(lengths, block_size) * sum(blocks_for_tokens(n, block_size) * block_size for n in lengths)",
           (BYTES,)),
 ]
-WRONG.append(
-    Wrong("table-refused-allocate-leaves-an-empty-table",
-          "        need = blocks_for_tokens(n_tokens, self.block_size)\n        if need",
-          "        need = blocks_for_tokens(n_tokens, self.block_size)\n        self.tables[seq_id] = []\n        if need",
-          (TABLE_70,)))
