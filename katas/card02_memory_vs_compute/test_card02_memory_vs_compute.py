@@ -46,6 +46,8 @@ BATCHES = st.integers(1, 3)
 GQA = ModelConfig(vocab_size=64, n_layers=2, d_model=16, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=32)
 GELU = GQA.with_(mlp="gelu", tie_embeddings=True)
 MOE = GQA.with_(n_experts=4, experts_per_token=2)
+# d_model (32) is neither Hkv·D (12) nor H·D (36): "2 · L · d_model · bytes per token" holds only for MHA.
+NARROW_KV = ModelConfig(vocab_size=64, n_layers=3, d_model=32, n_heads=6, n_kv_heads=2, head_dim=6, d_ff=32)
 # A device with almost no compute and a different peak per dtype: every toy step on it is
 # compute-bound, so a step's FLOPs and the peak of its dtype decide its time.
 STARVED = Hardware("compute-starved", {torch.bfloat16: 1e9, torch.float16: 2e9, torch.float32: 0.25e9,
@@ -105,6 +107,7 @@ def test_kv_cache_bytes_match_nbytes_of_a_filled_cache(cfg, batch, seq_len, dtyp
 @example(cfg=GQA, batch=2, seq_len=3, dtype=torch.int8)
 @example(cfg=GQA, batch=1, seq_len=1, dtype=torch.uint8)
 @example(cfg=GQA, batch=3, seq_len=2, dtype=torch.float64)
+@example(cfg=NARROW_KV, batch=2, seq_len=4, dtype=torch.float16)
 def test_kv_cache_bytes_of_integer_and_wide_element_types_match_an_allocated_cache(cfg, batch, seq_len, dtype):
     got = impl.kv_cache_bytes(cfg, batch, seq_len, dtype)
     expect_equal(call_str("kv_cache_bytes", shown(cfg), batch, seq_len, dtype), got,
@@ -132,6 +135,7 @@ def test_kv_cache_bytes_of_40_layers_of_32_heads_at_4000_tokens_hold_k_and_v():
 @example(cfg=GQA, dtype=torch.int8)
 @example(cfg=GQA, dtype=torch.float8_e4m3fn)
 @example(cfg=GQA, dtype=torch.float64)
+@example(cfg=NARROW_KV, dtype=torch.bfloat16)
 def test_kv_bytes_per_token_match_a_one_token_cache(cfg, dtype):
     got = impl.kv_bytes_per_token(cfg, dtype)
     expect_equal(call_str("kv_bytes_per_token", shown(cfg), dtype), got, kv_bytes_per_token_measured(cfg, dtype),
@@ -230,6 +234,7 @@ def measured_draws(draw):
 # Memory-bound in 4-byte elements: weights and cache bytes counted in the dtype's own size, not in fp16's 2.
 @example(draw=dict(cfg=GQA, hw=H100_SXM, batch=3, seq_len=6, dtype=torch.float32, use_cache=True))
 @example(draw=dict(cfg=GQA, hw=H100_SXM, batch=1, seq_len=63, dtype=torch.float32, use_cache=False))
+@example(draw=dict(cfg=GQA, hw=H100_SXM, batch=2, seq_len=3, dtype=torch.bfloat16, use_cache=False))  # memory-bound: weights only
 def test_roofline_step_time_is_the_roofline_of_measured_flops_and_bytes(draw):
     cfg, hw, batch, seq_len, dtype, use_cache = draw.values()
     got = impl.roofline_step_time(cfg, hw, batch, seq_len, dtype, use_cache)
