@@ -89,9 +89,9 @@ WRONG = [
     Wrong("cached-forgets-the-prefill", "return forward_flops(cfg, batch, prompt_len, 0) + steps", "return steps", (GF,)),
     Wrong("cached-prefill-as-one-token-steps", "return forward_flops(cfg, batch, prompt_len, 0) + steps",
           "return sum(forward_flops(cfg, batch, 1, j) for j in range(prompt_len)) + steps", (GF,)),
-    Wrong("uncached-one-pass-too-many", "for i in range(n_new))", "for i in range(n_new + 1))", (GF,)),
-    Wrong("uncached-passes-from-one-more-token", "forward_flops(cfg, batch, prompt_len + i, 0)",
+    Wrong("flops-uncached-one-pass-too-many", "for i in range(n_new))", "for i in range(n_new + 1))", (GF,)),
+    Wrong("flops-uncached-passes-from-one-more-token", "forward_flops(cfg, batch, prompt_len + i, 0)",
           "forward_flops(cfg, batch, prompt_len + i + 1, 0)", (GF,)),
-    Wrong("uncached-counts-only-the-new-token-s-dense-part", "forward_flops(cfg, batch, prompt_len + i, 0)",
+    Wrong("flops-uncached-as-one-token-steps", "forward_flops(cfg, batch, prompt_len + i, 0)",
           "forward_flops(cfg, batch, 1, prompt_len + i - 1)", (GF,)),
 ]
