@@ -86,6 +86,7 @@ def rows_of_a_100_token_answer_to_1000(use_cache: bool) -> int:
 @example(cfg=GQA, batch=2, p=3, n=4, use_cache=False)
 @example(cfg=GQA, batch=2, p=3, n=4, use_cache=True)
 @example(cfg=GQA, batch=1, p=1, n=1, use_cache=False)  # one new token: one pass, nothing fed back
+@example(cfg=GQA, batch=1, p=1, n=1, use_cache=True)  # with a cache too: the prefill alone
 def test_token_passes_match_the_rows_hooks_count_per_layer_and_sequence(cfg, batch, p, n, use_cache):
     got = impl.token_passes(p, n, use_cache)
     counted = kv_rows_of_generation(build_model(cfg), prompt_ids(cfg, batch, p), n, use_cache)

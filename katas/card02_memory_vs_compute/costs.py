@@ -10,7 +10,8 @@ and when is reading cheaper than recomputing? A roofline answers the last questi
 computing in `dtype` (it depends on the dtype: an H100 does 989 TFLOP/s in bf16, 67 in fp32),
 `hw.mem_bandwidth` is in bytes/s and `hw.memory_bytes` is the memory the device reports. The
 max() assumes compute and memory traffic overlap perfectly, so it is a lower bound on a step's
-time; their sum, which assumes no overlap, is an upper bound.
+time; their sum is the no-overlap time at peak (not an upper bound: a real kernel below its peaks,
+or launch overheads, can take longer than both).
 
 FLOPs are counted as in card01 (what FlopCounterMode counts on kvref's model: 2 per weight of
 every nn.Linear per token, lm_head included, plus 4·L·H·K·D per token for q @ kᵀ and

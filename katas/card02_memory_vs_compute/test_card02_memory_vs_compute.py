@@ -46,6 +46,8 @@ BATCHES = st.integers(1, 3)
 GQA = ModelConfig(vocab_size=64, n_layers=2, d_model=16, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=32)
 GELU = GQA.with_(mlp="gelu", tie_embeddings=True)
 MOE = GQA.with_(n_experts=4, experts_per_token=2)
+# d_model (32) is neither Hkv·D (12) nor H·D (36): "2 · L · d_model · bytes per token" holds only for MHA.
+NARROW_KV = ModelConfig(vocab_size=64, n_layers=3, d_model=32, n_heads=6, n_kv_heads=2, head_dim=6, d_ff=32)
 # A device with almost no compute and a different peak per dtype: every toy step on it is
 # compute-bound, so a step's FLOPs and the peak of its dtype decide its time.
 STARVED = Hardware("compute-starved", {torch.bfloat16: 1e9, torch.float16: 2e9, torch.float32: 0.25e9,
@@ -107,6 +109,7 @@ def test_kv_cache_bytes_match_nbytes_of_a_filled_cache(cfg, batch, seq_len, dtyp
 @example(cfg=GQA, batch=2, seq_len=3, dtype=torch.int8)
 @example(cfg=GQA, batch=1, seq_len=1, dtype=torch.uint8)
 @example(cfg=GQA, batch=3, seq_len=2, dtype=torch.float64)
+@example(cfg=NARROW_KV, batch=2, seq_len=4, dtype=torch.float16)
 def test_kv_cache_bytes_of_integer_and_wide_element_types_match_an_allocated_cache(cfg, batch, seq_len, dtype):
     got = impl.kv_cache_bytes(cfg, batch, seq_len, dtype)
     expect_equal(call_str("kv_cache_bytes", shown(cfg), batch, seq_len, dtype), got,
@@ -134,6 +137,7 @@ def test_kv_cache_bytes_of_40_layers_of_32_heads_at_4000_tokens_hold_k_and_v():
 @example(cfg=GQA, dtype=torch.int8)
 @example(cfg=GQA, dtype=torch.float8_e4m3fn)
 @example(cfg=GQA, dtype=torch.float64)
+@example(cfg=NARROW_KV, dtype=torch.bfloat16)
 def test_kv_bytes_per_token_match_a_one_token_cache(cfg, dtype):
     got = impl.kv_bytes_per_token(cfg, dtype)
     expect_equal(call_str("kv_bytes_per_token", shown(cfg), dtype), got, kv_bytes_per_token_measured(cfg, dtype),
@@ -229,7 +233,10 @@ def measured_draws(draw):
 @example(draw=dict(cfg=GQA, hw=STARVED, batch=2, seq_len=6, dtype=torch.bfloat16, use_cache=True))  # compute-bound
 @example(draw=dict(cfg=GQA, hw=STARVED, batch=2, seq_len=6, dtype=torch.float32, use_cache=False))
 @example(draw=dict(cfg=GELU, hw=H100_SXM, batch=2, seq_len=6, dtype=torch.bfloat16, use_cache=True))  # memory-bound
+# Memory-bound in 4-byte elements: weights and cache bytes counted in the dtype's own size, not in fp16's 2.
+@example(draw=dict(cfg=GQA, hw=H100_SXM, batch=3, seq_len=6, dtype=torch.float32, use_cache=True))
 @example(draw=dict(cfg=GQA, hw=H100_SXM, batch=1, seq_len=63, dtype=torch.float32, use_cache=False))
+@example(draw=dict(cfg=GQA, hw=H100_SXM, batch=2, seq_len=3, dtype=torch.bfloat16, use_cache=False))  # memory-bound: weights only
 def test_roofline_step_time_is_the_roofline_of_measured_flops_and_bytes(draw):
     cfg, hw, batch, seq_len, dtype, use_cache = draw.values()
     got = impl.roofline_step_time(cfg, hw, batch, seq_len, dtype, use_cache)
@@ -348,16 +355,18 @@ def test_roofline_step_time_obeys_the_roofline_laws_on_real_presets(draw):
 def test_roofline_step_time_of_mistral_7b_reads_its_window_and_no_further():
     """Mistral-7B's 4096-token sliding window: a rolling buffer, and a step that stops growing."""
     cfg = preset("mistral-7b")
-    at_window = impl.roofline_step_time(cfg, H100_SXM, 8, 4095, torch.bfloat16, True)
     flops, bytes_ = measured_step(cfg, 8, 4095, torch.bfloat16, True)
-    call = call_str("roofline_step_time", preset("mistral-7b"), H100_SXM, 8, 4095, torch.bfloat16, True)
-    expect_real(call, at_window, roofline(flops, bytes_, H100_SXM, torch.bfloat16),
-                why="the measured step whose token attends to exactly 4,096 positions")
-    for seq_len in (4096, 10_000, 32_767):
-        got = impl.roofline_step_time(cfg, H100_SXM, 8, seq_len, torch.bfloat16, True)
-        expect_real(call.replace("4095", f"{seq_len}"), got, at_window,
-                    why=f"{at_window:.6g} s, as at 4,095: past the window a token scores 4,096 keys and the step "
-                        "reads 4,096 positions of K/V per sequence")
+    # On the H100 the step is memory-bound (the window caps its reads); on STARVED, compute-bound (it caps its scores).
+    for hw in (H100_SXM, STARVED):
+        at_window = impl.roofline_step_time(cfg, hw, 8, 4095, torch.bfloat16, True)
+        call = call_str("roofline_step_time", preset("mistral-7b"), shown(hw), 8, 4095, torch.bfloat16, True)
+        expect_real(call, at_window, roofline(flops, bytes_, hw, torch.bfloat16),
+                    why="the measured step whose token attends to exactly 4,096 positions")
+        for seq_len in (4096, 10_000, 32_767):
+            got = impl.roofline_step_time(cfg, hw, 8, seq_len, torch.bfloat16, True)
+            expect_real(call.replace("4095", f"{seq_len}"), got, at_window,
+                        why=f"{at_window:.6g} s, as at 4,095: past the window a token scores 4,096 keys and the step "
+                            "reads 4,096 positions of K/V per sequence")
     # Without a cache, the step computes the whole [T, T] rectangle of scores (kvref masks afterwards):
     # doubling T more than doubles its compute-bound time, window or not.
     short, long = (impl.roofline_step_time(cfg, H100_SXM, 1, n, torch.bfloat16, False) for n in (8191, 16383))

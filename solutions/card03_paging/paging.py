@@ -76,7 +76,8 @@ class PagedBlockTable:
     No block may be held by two sequences. When there are not enough free blocks, `allocate`
     and `append` raise MemoryError and change nothing. The lists `allocate` and `block_table`
     return are the caller's: changing one changes nothing in the allocator. A freed `seq_id` is
-    gone: `block_table`, `append` and `free` of it raise KeyError (until it is allocated again).
+    gone, and one whose `allocate` was refused never started: `block_table`, `append` and `free`
+    of it raise KeyError (until it is allocated).
     """
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
