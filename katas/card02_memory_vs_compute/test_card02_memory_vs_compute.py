@@ -156,14 +156,14 @@ def test_kv_bytes_per_token_of_every_real_preset_match_a_one_token_cache():
 
 
 @pytest.mark.kata("kv_bytes_per_token")
-def test_llama_2_70b_caches_327_680_bytes_per_token_so_1000_tokens_take_0_33_gb():
+def test_llama_2_70b_bytes_per_token_against_a_widely_shared_figure_for_1000_tokens():
     cfg = preset("llama-2-70b")
     per_token = impl.kv_bytes_per_token(cfg, torch.bfloat16)
     measured = kv_cache_bytes_measured(cfg, 1, 1000, torch.bfloat16)
     expect_equal(f"1000 * {call_str('kv_bytes_per_token', preset('llama-2-70b'), torch.bfloat16)}",
                  1000 * per_token if isinstance(per_token, int) else per_token, measured,
-                 ".nbytes of a 1000-token bf16 cache: 0.33 GB. A widely shared answer says 1.2 GB: that is one of "
-                 "K and V with all 64 heads (GQA keeps 8)")
+                 ".nbytes of a 1000-token bf16 cache: 0.33 GB. A widely shared answer says 1.2 GB: one of K and V "
+                 "with all 64 heads gives 1.31e9 bytes, 1.22 GiB (GQA keeps 8 KV heads, and both K and V are cached)")
 
 
 @pytest.mark.kata("kv_bytes_per_token")
