@@ -355,10 +355,11 @@ def test_roofline_step_time_obeys_the_roofline_laws_on_real_presets(draw):
 def test_roofline_step_time_of_mistral_7b_reads_its_window_and_no_further():
     """Mistral-7B's 4096-token sliding window: a rolling buffer, and a step that stops growing."""
     cfg = preset("mistral-7b")
+    devices = (H100_SXM, STARVED)
+    answers = [impl.roofline_step_time(cfg, hw, 8, 4095, torch.bfloat16, True) for hw in devices]  # before measuring
     flops, bytes_ = measured_step(cfg, 8, 4095, torch.bfloat16, True)
     # On the H100 the step is memory-bound (the window caps its reads); on STARVED, compute-bound (it caps its scores).
-    for hw in (H100_SXM, STARVED):
-        at_window = impl.roofline_step_time(cfg, hw, 8, 4095, torch.bfloat16, True)
+    for hw, at_window in zip(devices, answers):
         call = call_str("roofline_step_time", preset("mistral-7b"), shown(hw), 8, 4095, torch.bfloat16, True)
         expect_real(call, at_window, roofline(flops, bytes_, hw, torch.bfloat16),
                     why="the measured step whose token attends to exactly 4,096 positions")
