@@ -4,8 +4,9 @@
   formula in `torch.utils.flop_counter` (mm, addmm, bmm, baddbmm, convolutions, the attention
   kernels) is charged by that formula (2 FLOPs per multiply-add of its real shapes), and an op
   that has a decomposition is counted as the ops it decomposes into, as FlopCounterMode does
-  (so SDPA on the meta device is counted as its matmuls). The formulas are PyTorch's, not ours; `checks/test_kvref_measure.py`
-  proves that both instruments give the same count, op by op, on kvref's models.
+  (so SDPA on the meta device is counted as its matmuls). The formulas are PyTorch's, not ours;
+  `checks/test_kvref_measure.py` proves that both instruments give the same count, op by op, on
+  kvref's models.
 - `ElementwiseOps` counts what FlopCounterMode does not see: for every aten mul, add, sub and
   div on a floating-point tensor, one operation per element of its output (x * cos on an
   `[B, H, S, D]` tensor: B·H·S·D multiplies). Negation, copies, casts, concatenation and indexing
