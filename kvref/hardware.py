@@ -192,8 +192,8 @@ class EnergyCosts:
 H100_SXM_BOARD_WATTS = 700.0  # NVIDIA H100 datasheet: SXM max thermal design power "up to 700 W"
 SOURCE_CARD_ENERGY = EnergyCosts(
     "source card", 0.5, 5.0,
-    "the twelve-card seed (000_..., card 11): 'A KV lookup consumes 0.5 pJ/bit while a FP16 FMA consumes "
-    "5 pJ/op'. No source given; a premise of the question, not a published figure",
+    "a widely shared interview question's premise: 'A KV lookup consumes 0.5 pJ/bit while a FP16 FMA "
+    "consumes 5 pJ/op'. No source given, and not a published figure (an H100 board has at most 1.4 pJ per FMA)",
 )
 PUBLISHED_ENERGY = EnergyCosts(
     "published (HBM2, 45 nm FP16)", 4.0, 1.1 + 0.4,

@@ -11,9 +11,9 @@ COPIES = ("test_kv_replication_is_how_many_ranks_cache_each_head_in_a_gloo_run",
 RANK_BYTES = ("test_kv_bytes_per_rank_match_nbytes_of_each_ranks_cache_in_a_gloo_run",
               "test_kv_bytes_per_rank_of_real_presets_match_a_meta_allocated_shard")
 STAGE_BYTES = ("test_pipeline_kv_bytes_per_stage_match_each_stages_cache_in_a_gloo_run",
-               "test_pipeline_kv_bytes_per_stage_of_real_presets_add_up_to_one_copy_of_the_cache")
+               "test_pipeline_kv_bytes_per_stage_of_real_presets_summed_over_the_stages")
 SENT = ("test_pipeline_bytes_sent_per_step_are_what_stage_0_sent_each_step_of_a_gloo_run",
-        "test_pipeline_bytes_sent_per_step_of_real_presets_are_one_hidden_state_per_sequence")
+        "test_pipeline_bytes_sent_per_step_of_real_presets")
 PLAN = ("test_reshard_plan_run_in_gloo_resumes_decoding_with_unchanged_logits",
         "test_reshard_plan_moves_each_missing_head_once_from_a_holder_it_spreads_over")
 SECONDS = ("test_reshard_seconds_price_the_messages_a_gloo_reshard_sent_and_received",

@@ -10,7 +10,7 @@ SCAN = ("test_selective_scan_gives_the_step_by_step_recurrence",
 STATE = ("test_linear_state_bytes_match_nbytes_of_the_states_kvref_builds",
          "test_linear_state_bytes_of_llama_3_8b_against_its_cache_at_4096_tokens")
 CROSS = ("test_cache_outgrows_state_at_the_first_length_whose_measured_cache_is_bigger",
-         "test_cache_outgrows_state_at_65_tokens_for_every_real_preset_with_128_dim_heads")
+         "test_cache_outgrows_state_at_for_real_presets_with_128_dim_heads")
 RECALL = ("test_recall_capacity_is_where_the_measured_recall_of_a_fixed_state_falls_off",
           "test_recall_capacity_of_a_64_by_8_state_against_a_softmax_cache")
 
@@ -172,7 +172,7 @@ WRONG = [
           "return (D + 1) // 2 + 1",
           "return (cfg.n_heads // cfg.n_kv_heads) * (D + 1) // 2 + 1",
           ("test_cache_outgrows_state_at_the_first_length_whose_measured_cache_is_bigger",
-           "test_cache_outgrows_state_at_65_tokens_for_every_real_preset_with_128_dim_heads")),
+           "test_cache_outgrows_state_at_for_real_presets_with_128_dim_heads")),
     # --- recall_capacity ---
     Wrong("capacity-is-the-state-size",
           "return d_key  # N",

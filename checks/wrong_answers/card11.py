@@ -8,7 +8,7 @@ from wrong_answers import Wrong
 SOLUTION = "solutions/card11_energy/energy.py"
 
 MEMORY = ("test_memory_energy_per_token_is_the_measured_bytes_in_bits_at_pj_per_bit",
-          "test_memory_energy_per_token_of_llama_2_70b_at_batch_1_is_4_44_joules_with_published_constants")
+          "test_memory_energy_per_token_of_llama_2_70b_at_batch_1_with_published_constants")
 COMPUTE = ("test_compute_energy_per_token_is_the_measured_flops_as_multiply_adds_at_pj_each",
            "test_compute_energy_per_token_of_llama_2_70b_with_both_constant_sets")
 CROSS = ("test_energy_crossover_batch_is_the_first_batch_whose_measured_compute_energy_reaches_memory_energy",

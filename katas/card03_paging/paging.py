@@ -42,7 +42,7 @@ def reservation_waste_bound(max_seq_len: int, short_fraction: float, short_max: 
     that satisfy them, that wastes the least (so every real trace with these facts wastes at
     least this much). Which lengths does that trace have?
 
-    The interview case: max_seq_len = 8,192 with 90% of requests under 512 tokens. Any number
+    The interview case: max_seq_len = 8,192 with 90% of requests at most 512 tokens. Any number
     above this floor needs an assumed distribution (uniform lengths, say), and depends on it.
 
     Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.

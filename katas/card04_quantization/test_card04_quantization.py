@@ -106,7 +106,7 @@ def test_quantized_kv_bytes_match_nbytes_of_codes_scales_and_zero_points(draw, b
 
 
 @pytest.mark.kata("quantized_kv_bytes")
-def test_quantized_kv_bytes_of_llama_2_7b_at_int4_are_3_2x_below_fp16_not_4x():
+def test_quantized_kv_bytes_of_llama_2_7b_at_int4_against_fp16():
     """Llama-2-7B, 4,096 tokens: fp16 2 GiB; INT4 with fp16 scale and zero per 32 channels 0.625 B a value."""
     cfg = preset("llama-2-7b")
     cases = [  # bits, group, asymmetric, why
@@ -158,7 +158,7 @@ def test_kv_tokens_in_budget_is_the_longest_cache_whose_nbytes_fit(draw, budget,
 
 
 @pytest.mark.kata("kv_tokens_in_budget")
-def test_kv_tokens_in_budget_of_two_7b_models_differ_4x_and_of_two_1t_models_44x():
+def test_kv_tokens_in_budget_of_two_7b_models_and_of_two_1t_models():
     budget = 16 * 10**9
     pairs = [  # (name, cfg, parameters), twice
         (("llama-2-7b", preset("llama-2-7b"), 6.74e9), ("mistral-7b", preset("mistral-7b"), 7.24e9)),
@@ -435,7 +435,7 @@ def test_key_error_score_bound_holds_for_every_score_of_quantized_keys(D, bits, 
 @pytest.mark.kata("key_error_score_bound")
 @given(D=st.sampled_from([1, 2, 8, 64, 128]), scale=st.floats(1e-3, 1e3), seed=st.integers(0, 1000))
 @example(D=128, scale=0.05, seed=0)
-def test_key_error_score_bound_is_reached_when_the_error_lies_along_the_query(D, scale, seed):
+def test_key_error_score_bound_is_reached_by_some_key_error(D, scale, seed):
     q = kv_tensor((D,), seed)
     dk = q / q.norm() * scale * (1 + seed % 3)  # Δk parallel to q: Cauchy-Schwarz holds with equality
     reached = abs(float(q.double() @ dk.double())) / math.sqrt(D)
@@ -463,7 +463,7 @@ def test_softmax_weight_ratio_bound_holds_for_drawn_scores_and_shifts(eps, T, se
 @pytest.mark.kata("softmax_weight_ratio_bound")
 @given(eps=st.floats(0.01, 3))
 @example(eps=0.25)
-def test_softmax_weight_ratio_bound_is_reached_when_one_score_rises_and_the_rest_fall(eps):
+def test_softmax_weight_ratio_bound_is_reached_by_some_shift_of_the_scores(eps):
     # Weight 0 is tiny; its score rises by eps and every other falls by eps: p'_0/p_0 -> exp(2 eps).
     s = torch.tensor([-40.0, 0.0, 1.0, 2.0], dtype=torch.double)
     delta = torch.tensor([eps, -eps, -eps, -eps], dtype=torch.double)

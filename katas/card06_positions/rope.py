@@ -83,7 +83,7 @@ def rope_rerotate(k_rot: torch.Tensor, delta: int, theta: float = 10000.0, conve
     result must equal the raw key rotated at p + delta. Same convention, theta and
     rotary_dim as the keys were rotated with; fp32 computation, k_rot's dtype.
     """
-    raise NotImplementedError("rope_rerotate: rotation by p then by delta is rotation by p + delta (1 line)")
+    raise NotImplementedError("rope_rerotate: re-rotate the cached keys to their new positions (1 line)")
 
 
 def rope_decode_flops(cfg: ModelConfig, batch: int, rotary_dim: int | None = None) -> int:

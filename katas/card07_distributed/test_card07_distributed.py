@@ -206,7 +206,7 @@ def test_pipeline_kv_bytes_per_stage_match_each_stages_cache_in_a_gloo_run():
 @given(name=st.sampled_from(REAL), stages=st.sampled_from([1, 2, 4, 8]), batch=st.integers(1, 64),
        seq_len=st.integers(1, 131072), dtype=st.sampled_from([torch.bfloat16, torch.float32]))
 @example(name="llama-2-70b", stages=4, batch=1, seq_len=4096, dtype=torch.bfloat16)
-def test_pipeline_kv_bytes_per_stage_of_real_presets_add_up_to_one_copy_of_the_cache(name, stages, batch, seq_len,
+def test_pipeline_kv_bytes_per_stage_of_real_presets_summed_over_the_stages(name, stages, batch, seq_len,
                                                                                      dtype):
     cfg = preset(name)
     if cfg.n_layers % stages:
@@ -234,7 +234,7 @@ def test_pipeline_bytes_sent_per_step_are_what_stage_0_sent_each_step_of_a_gloo_
 @pytest.mark.kata("pipeline_bytes_sent_per_step")
 @given(name=st.sampled_from(REAL), batch=st.integers(1, 256), dtype=st.sampled_from([torch.bfloat16, torch.float32]))
 @example(name="llama-2-70b", batch=1, dtype=torch.bfloat16)
-def test_pipeline_bytes_sent_per_step_of_real_presets_are_one_hidden_state_per_sequence(name, batch, dtype):
+def test_pipeline_bytes_sent_per_step_of_real_presets(name, batch, dtype):
     cfg = preset(name)
     got = impl.pipeline_bytes_sent_per_step(cfg, batch, dtype)
     expect_equal(call_str("pipeline_bytes_sent_per_step", preset(name), batch, dtype), got,

@@ -84,4 +84,4 @@ def negative_distance_keys(slot_pos: list[int], query_pos: int) -> list[int]:
     >= 0 for every key (0 is the query's own key). Return the slots where it is negative, sorted
     ascending (Python ints); [] for a causal-safe cache.
     """
-    raise NotImplementedError("negative_distance_keys: the occupied slots whose key position exceeds the query's (1 line)")
+    raise NotImplementedError("negative_distance_keys: the slots a query would see at a negative distance (1 line)")

@@ -73,7 +73,7 @@ def cache_outgrows_state_at(cfg: ModelConfig) -> int:
 
     Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
-    raise NotImplementedError("cache_outgrows_state_at: compare 2·T·D with what one KV head's state holds, and find the first T (about 2 lines)")
+    raise NotImplementedError("cache_outgrows_state_at: one KV head's cache against its state, the first T (about 2 lines)")
 
 
 def recall_capacity(d_key: int, d_value: int) -> int:

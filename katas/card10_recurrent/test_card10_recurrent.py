@@ -226,7 +226,7 @@ def test_cache_outgrows_state_at_the_first_length_whose_measured_cache_is_bigger
 
 
 @pytest.mark.kata("cache_outgrows_state_at")
-def test_cache_outgrows_state_at_65_tokens_for_every_real_preset_with_128_dim_heads():
+def test_cache_outgrows_state_at_for_real_presets_with_128_dim_heads():
     for name in GQA_PRESET_NAMES:
         cfg = PRESETS[name]
         got = impl.cache_outgrows_state_at(cfg)

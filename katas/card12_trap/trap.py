@@ -39,7 +39,7 @@ def static_capacity_rps(kv_budget_tokens: int, max_seq_len: int, output_len: int
 
     Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
-    raise NotImplementedError("static_capacity_rps: whole reservations that fit, over each request's time in the batch (about 2 lines)")
+    raise NotImplementedError("static_capacity_rps: how many run at once, and for how long (about 2 lines)")
 
 
 def mean_in_system(arrivals: list[float], departures: list[float], horizon: float) -> float:
@@ -53,4 +53,4 @@ def mean_in_system(arrivals: list[float], departures: list[float], horizon: floa
 
     Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
-    raise NotImplementedError("mean_in_system: each request's time in the system within [0, horizon], summed, over horizon (about 2 lines)")
+    raise NotImplementedError("mean_in_system: the time average of N(t) over [0, horizon] (about 2 lines)")

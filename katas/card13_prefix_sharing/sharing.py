@@ -104,4 +104,4 @@ def offloaded_step_seconds(n_layers: int, compute_s: float, transfer_s: float) -
 
     Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
-    raise NotImplementedError('offloaded_step_seconds: the first copy, the overlapped middle, the last compute (1 line)')
+    raise NotImplementedError('offloaded_step_seconds: copies and compute on two lanes, layer by layer (1 line)')

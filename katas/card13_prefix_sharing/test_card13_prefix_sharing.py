@@ -134,7 +134,7 @@ def test_parallel_sampling_blocks_are_what_kvrefs_allocator_holds_after_fork_and
     held, _ = sample_in_kvref(prompt_len, n_samples, new_tokens, block_size)
     expect_equal(call_str("parallel_sampling_blocks", prompt_len, n_samples, new_tokens, block_size), got, held,
                  f"kvref's allocator held {plural(held, 'block')} after prefilling the prompt once, forking it into "
-                 f"{plural(n_samples, 'sample')} and appending {new_tokens} tokens to each, copying shared partly "
+                 f"{plural(n_samples, 'sample')} and appending {plural(new_tokens, 'token')} to each, copying shared partly "
                  "filled blocks before writing")
 
 
