@@ -17,7 +17,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import kvkata
-from kvkata.check import (PARAMETER_FIELDS, Shown, call_str, describe, describe_config, expect, expect_equal,
+from kvkata.check import (PARAMETER_FIELDS, Mismatch, Shown, call_str, describe, describe_config, expect, expect_equal,
                           expect_real, plural)
 from kvref.config import PRESETS, ModelConfig, preset
 from kvref.hardware import A100_40GB, H100_SXM, H200, HARDWARE
@@ -190,8 +190,11 @@ def run_all(requests, max_batch, budget, forward, step_limit=200):
             finished[s.rid] = (step, s)
         step += 1
         if step > step_limit:
-            raise AssertionError(f"after {step_limit} steps {len(seqs) - len(finished)} of {len(seqs)} requests "
-                                 f"had not finished: {len(running)} running, {len(waiting)} waiting")
+            raise Mismatch(f"called continuous_batching_step(forward, running, waiting, max_batch={max_batch}, "
+                           f"kv_budget_tokens={budget}) once a step: after {step_limit} steps "
+                           f"{len(seqs) - len(finished)} of {len(seqs)} requests had not finished ({len(running)} "
+                           f"running, {len(waiting)} waiting); expected every request to finish: the budget of "
+                           f"{budget} positions holds the largest request's whole cache")
     return seqs, finished
 
 
@@ -255,8 +258,10 @@ def test_continuous_batching_step_keeps_the_batch_and_the_cache_within_their_lim
                    f"request {head.rid} (prompt {len(head.prompt)}, max_new_tokens {head.max_new_tokens}) admitted "
                    f"at step {i}: the batch had room and its cache fits in the {budget}-position budget beside the "
                    f"running requests' {reserved}")
-    expect(finished == len(seqs), "continuous_batching_step(...)", finished,
-           f"all {len(seqs)} requests finished within 200 steps")
+    if finished != len(seqs):
+        raise Mismatch(f"called continuous_batching_step(forward, running, waiting, max_batch={max_batch}, "
+                       f"kv_budget_tokens={budget}) once a step: {finished} of {len(seqs)} requests finished within "
+                       f"200 steps; expected all {len(seqs)}")
     admitted = list(dict.fromkeys(rid for rids, _, _, _ in rec.steps for rid in rids))  # in order of first run
     arrived = sorted(range(len(requests)), key=lambda i: (requests[i][2], i))
     expect(admitted == arrived, f"continuous_batching_step(forward, running, waiting, max_batch={max_batch}, "
