@@ -26,7 +26,6 @@ from kvkata import ROOT, manifest
 from kvkata.paths import PRISTINE, pristine_text
 
 
-
 def backups_dir(root: Path = ROOT) -> Path:
     return root / ".kvkata" / "backups"
 
@@ -49,8 +48,6 @@ def snapshot(root: Path = ROOT, dest: Path = PRISTINE) -> list[Path]:
             info = zipfile.ZipInfo(rel.as_posix(), date_time=(2026, 1, 1, 0, 0, 0))  # reproducible bytes
             z.writestr(info, (root / rel).read_bytes(), zipfile.ZIP_DEFLATED)
     return paths
-
-
 
 
 class Unparsable(ValueError):

@@ -66,7 +66,7 @@ def pristine_hashes(katas=None) -> dict[str, str | None]:
         if rel not in parsed:
             try:
                 parsed[rel] = _parse(pristine_text(Path(rel)))
-            except (OSError, FileNotFoundError, ValueError):  # no archive, or no copy of this file in it
+            except OSError:  # no archive, or no copy of this file in it (FileNotFoundError)
                 parsed[rel] = None
         out[key(kata)] = _hash(parsed[rel], kata.name)
     return out
