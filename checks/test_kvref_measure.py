@@ -15,7 +15,7 @@ from torch import nn
 from kvref.cache import GrowingKVCache, StaticKVCache
 from kvref.config import PRESETS, ModelConfig, preset
 from kvref.measure import (ShapeOnlyCache, cache_nbytes, flops_of, forward_flops_measured, generation_flops_measured,
-                           kv_bytes_per_token_measured, kv_cache_bytes_measured, kv_rows_of_generation,
+                           kv_bytes_per_token_measured, kv_cache_bytes_measured, kv_recompute_flops_measured, kv_rows_of_generation,
                            kv_rows_per_forward, meta_model, step_flops_measured, weight_bytes_read,
                            weight_nbytes)
 from kvref.model import build_model
@@ -65,6 +65,20 @@ def test_the_meta_device_counts_the_same_flops_as_a_real_cpu_run(cfg, batch, n_c
         cpu = forward_flops_measured(model, x[:, n_cached:], torch.arange(n_cached, n_cached + n_new), caches)
     assert step_flops_measured(cfg, batch, n_new, n_cached) == cpu
     assert step_flops_measured(cfg, batch, n_new, n_cached, device="cpu") == cpu
+
+
+@given(cfg=CONFIGS, n_tokens=st.integers(1, 8))
+def test_the_kv_rebuild_counts_the_same_flops_on_the_meta_device_and_the_cpu(cfg, n_tokens):
+    meta = kv_recompute_flops_measured(cfg, n_tokens)
+    assert kv_recompute_flops_measured(cfg, n_tokens, device="cpu") == meta
+    assert meta.projections > 0
+
+
+def test_the_flop_measurements_name_an_unknown_device():
+    with pytest.raises(ValueError, match="device must be 'meta' or 'cpu'"):
+        kv_recompute_flops_measured(TINY, 2, device="cuda")
+    with pytest.raises(ValueError, match="device must be 'meta' or 'cpu'"):
+        step_flops_measured(TINY, 1, 1, 0, device="gpu")
 
 
 @given(cfg=CONFIGS, batch=BATCHES, p=st.integers(1, 5), n=st.integers(1, 4), use_cache=st.booleans())

@@ -167,18 +167,24 @@ def meta_model(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> Transfo
 
 
 @lru_cache(maxsize=64)
-def kv_recompute_flops_measured(cfg: ModelConfig, n_tokens: int) -> FlopCount:
+def kv_recompute_flops_measured(cfg: ModelConfig, n_tokens: int, device: str = "meta") -> FlopCount:
     """FLOPs of rebuilding every layer's K and V for `n_tokens` tokens of one sequence, from their ids.
 
     Layer l's K/V need layer l's input, which every layer below computes: so the tokens run
     through the embedding and every layer but the last in full, then through the last layer's
     input norm and its K and V projections. The last layer's q/o projections and MLP, the final
-    norm and lm_head are not run. Counted on the meta device (dense models: MoE has no forward).
+    norm and lm_head are not run. Counted on the meta device (dense models: MoE has no forward),
+    or with `device="cpu"` on kvref's model run for real, for small configs (as `step_flops_measured`).
     """
     _check_counts(n_tokens=n_tokens)
-    model = meta_model(cfg)
-    ids = torch.zeros(1, n_tokens, dtype=torch.long, device="meta")
-    pos = torch.arange(n_tokens, device="meta")
+    if device == "meta":
+        model = meta_model(cfg)
+    elif device == "cpu":
+        model = build_model(cfg)
+    else:
+        raise ValueError(f"device must be 'meta' or 'cpu', got {device!r}")
+    ids = torch.zeros(1, n_tokens, dtype=torch.long, device=device)
+    pos = torch.arange(n_tokens, device=device)
 
     def rebuild():
         x = model.embed_tokens(ids)  # (1, n_tokens, d_model)

@@ -2,10 +2,12 @@
 
 Bytes are checked against `.nbytes` of real caches and weights: filled by a real prefill for
 small configs, allocated on the meta device (shapes and dtypes, no storage) for real presets.
-The roofline's inputs are measured too: FLOPs by FlopCounterMode's formulas on kvref's forward pass, bytes
-by `.nbytes` of the weight matrices and cache entries. What cannot be measured (a GPU's time)
-is tested by the laws a roofline must obey: units, monotonicity, scaling, limits, and worked
-numbers. Draws of real models respect their context length and the device's memory.
+The roofline's inputs are measured too: FLOPs by FlopCounterMode's formulas on kvref's forward
+pass run for real (for real presets, kvref.roofline's count, which the maintainers' checks prove
+equal to that measurement on the meta device), bytes by `.nbytes` of the weight matrices and
+cache entries. What cannot be measured (a GPU's time) is tested by the laws a roofline must
+obey: units, monotonicity, scaling, limits, and worked numbers. Draws of real models respect
+their context length and the device's memory.
 """
 
 import dataclasses
@@ -24,6 +26,7 @@ from kvref.hardware import H100_SXM, H200, HARDWARE, Hardware
 from kvref.measure import (cache_nbytes, kv_bytes_per_token_measured, kv_cache_bytes_measured, kv_recompute_flops_measured,
                            meta_model, step_flops_measured, weight_bytes_read, weight_nbytes)
 from kvref.model import build_model
+from kvref.roofline import forward_flops as roofline_forward_flops
 from kvref.strategies import (DENSE_PRESET_NAMES, GQA_PRESET_NAMES, compute_dtypes, gqa_model_configs, hardware_presets,
                               kv_dtypes, model_configs)
 
@@ -71,15 +74,23 @@ def with_peak(hw: Hardware, dtype: torch.dtype) -> st.SearchStrategy:
     return st.just(dtype) if hw.computes_in(dtype) else st.just(torch.bfloat16)
 
 
-def measured_step(cfg, batch, seq_len, dtype, use_cache, device="meta"):
-    """FLOPs (FlopCounterMode's formulas) and bytes (.nbytes) of one decode step after seq_len tokens.
+def step_flops(cfg, batch, n_new, n_cached):
+    """FLOPs of one forward pass: counted by FlopCounterMode's formulas on kvref's model run for real
+    for small configs; kvref.roofline's count for real presets, which checks/test_kvref_roofline.py
+    proves equal to that count on the meta device (measuring a preset here would add about 1.3 s to
+    every run of this card: PyTorch's meta kernels import torch._dynamo on their first use)."""
+    if cfg.name:
+        return roofline_forward_flops(cfg, batch, n_new, n_cached)
+    return step_flops_measured(cfg, batch, n_new, n_cached, device="cpu").total
 
-    Counted on the meta device for presets, on kvref's model run for real (device="cpu") for small configs."""
+
+def measured_step(cfg, batch, seq_len, dtype, use_cache):
+    """FLOPs (step_flops) and bytes (.nbytes) of one decode step after seq_len tokens."""
     weights = weight_bytes_read(meta_model(cfg, dtype))
     if use_cache:
-        flops = step_flops_measured(cfg, batch, 1, seq_len, device).total
+        flops = step_flops(cfg, batch, 1, seq_len)
         return flops, weights + kv_cache_bytes_measured(cfg, batch, seq_len + 1, dtype)  # read seq_len, write 1
-    return step_flops_measured(cfg, batch, seq_len + 1, 0, device).total, weights
+    return step_flops(cfg, batch, seq_len + 1, 0), weights
 
 
 def roofline(flops, bytes_, hw, dtype):
@@ -240,7 +251,7 @@ def measured_draws(draw):
 def test_roofline_step_time_is_the_roofline_of_measured_flops_and_bytes(draw):
     cfg, hw, batch, seq_len, dtype, use_cache = draw.values()
     got = impl.roofline_step_time(cfg, hw, batch, seq_len, dtype, use_cache)
-    flops, bytes_ = measured_step(cfg, batch, seq_len, dtype, use_cache, device="cpu")
+    flops, bytes_ = measured_step(cfg, batch, seq_len, dtype, use_cache)
     want = roofline(flops, bytes_, hw, dtype)
     expect_real(call_str("roofline_step_time", shown(cfg), shown(hw), batch, seq_len, dtype, use_cache), got, want,
                 why=f"{want:.6g} s = max({flops:,} FLOPs / {hw.peak_flops(dtype):.4g} FLOP/s in {dtype}, "
@@ -254,12 +265,12 @@ def test_roofline_step_time_uses_the_peak_of_the_dtype_it_computes_in():
     cfg = preset("llama-3-8b")
     dtypes = (torch.bfloat16, torch.float32, torch.float8_e4m3fn)
     gots = [impl.roofline_step_time(cfg, H100_SXM, 1, 2047, dtype, False) for dtype in dtypes]  # before counting FLOPs
-    flops = step_flops_measured(cfg, 1, 2048, 0).total
+    flops = step_flops(cfg, 1, 2048, 0)
     for dtype, got in zip(dtypes, gots):
         want = roofline(flops, weight_bytes_read(meta_model(cfg, torch.bfloat16)) // 2 * dtype.itemsize, H100_SXM, dtype)
         expect_real(call_str("roofline_step_time", preset("llama-3-8b"), H100_SXM, 1, 2047, dtype,
                              False), got, want,
-                    why=f"{flops:,} FLOPs (FlopCounterMode's formulas) at the H100's dense {dtype} peak, "
+                    why=f"{flops:,} FLOPs (kvref.roofline's count, equal to FlopCounterMode's formulas') at the H100's dense {dtype} peak, "
                         f"{H100_SXM.peak_flops(dtype) / 1e12:.4g} TFLOP/s (fp32 matmuls do not use TF32 by default)")
 
 
@@ -452,7 +463,7 @@ def test_recompute_to_read_ratio_halves_with_elements_twice_as_wide_at_the_same_
 def test_recompute_to_read_ratio_matches_measured_flops_and_cache_bytes(cfg, hw, seq_len, dtype):
     dtype = dtype if hw.computes_in(dtype) else torch.bfloat16
     got = impl.recompute_to_read_ratio(cfg, hw, seq_len, dtype)
-    recompute = kv_recompute_flops_measured(cfg, seq_len).projections  # the nn.Linear matmuls that rebuild K/V
+    recompute = kv_recompute_flops_measured(cfg, seq_len, device="cpu").projections  # the nn.Linear matmuls that rebuild K/V
     read = kv_cache_bytes_measured(cfg, 1, seq_len, dtype)
     want = (recompute / hw.peak_flops(dtype)) / (read / hw.mem_bandwidth)
     expect_real(call_str("recompute_to_read_ratio", shown(cfg), shown(hw), seq_len, dtype), got, want,
