@@ -146,8 +146,9 @@ def _swiglu_hidden(d_model: int) -> int:
 #   32768, rope_theta 1e4). The paper (Jiang et al. 2023, Table 1) gives window_size 4096 and
 #   context_len 8192: 32,768 is v0.1's max_position_embeddings, not a trained context. v0.2 and
 #   v0.3 have no sliding window (sliding_window null) and rope_theta 1e6.
-# - Mixtral of Experts (Jiang et al. 2024: 8 experts, top-2, 46.7B total, 12.9B active, 32k context,
-#   no sliding window) and mistralai/Mixtral-8x7B-v0.1 config.json.
+# - Mixtral of Experts (Jiang et al. 2024: 8 experts, top-2, 32k context, no sliding window; it rounds
+#   to 47B total, 13B active: 46.7B and 12.9B are Mistral AI's release post) and
+#   mistralai/Mixtral-8x7B-v0.1 config.json.
 # - GPT-3 (Brown et al. 2020, Table 2.1: 96 layers, d 12288, 96 heads of 128, context 2048; the GPT-2
 #   architecture: a two-matrix GELU MLP of 4·d, tied input/output embeddings).
 # - DeepSeek-V2 (arXiv 2405.04434, §3.1.2) and DeepSeek-V3 (arXiv 2412.19437, §4.2) hyper-parameters,

@@ -5,7 +5,7 @@ group of elements a scale (and, if asymmetric, a zero point) to read it back wit
 per element, but the scales cost bytes too, and where the groups lie (the axis) decides how
 much a group's few large values spoil its many small ones.
 
-Conventions used by every kata here (KIVI's, Liu et al. 2024):
+Conventions used by every kata here (the asymmetric scheme is KIVI's, Liu et al. 2024):
 - asymmetric: a group with minimum m and maximum M has zero point z = m and scale
   s = (M - m) / (2^bits - 1); code q = round((x - z) / s), an integer in 0 .. 2^bits - 1;
   read back as q·s + z.

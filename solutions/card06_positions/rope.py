@@ -9,9 +9,11 @@ turns fastest, by 1 radian per position.
 
 Which dimensions form a pair is a convention, and the two conventions give different numbers
 for the same vector:
-- "half" (half-split; Llama, GPT-NeoX, Hugging Face): dimension j pairs with j + r/2, for
+- "half" (half-split; Hugging Face's Llama, GPT-NeoX): dimension j pairs with j + r/2, for
   j < r/2, and that pair is pair j;
-- "interleaved" (GPT-J, the RoFormer paper): dimension 2j pairs with 2j + 1, pair j.
+- "interleaved" (GPT-J, the RoFormer paper, Meta's own Llama code): dimension 2j pairs with
+  2j + 1, pair j. (Hugging Face's conversion of Meta's Llama weights permutes the q and k
+  projections so that half-split code computes the same scores.)
 A pair (a, b) rotated by angle φ becomes (a·cos φ - b·sin φ, a·sin φ + b·cos φ), the first
 element of the pair being the lower dimension.
 
