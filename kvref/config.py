@@ -149,8 +149,9 @@ def _swiglu_hidden(d_model: int) -> int:
 # - Mixtral of Experts (Jiang et al. 2024: 8 experts, top-2, 32k context, no sliding window; it rounds
 #   to 47B total, 13B active: 46.7B and 12.9B are Mistral AI's release post) and
 #   mistralai/Mixtral-8x7B-v0.1 config.json.
-# - GPT-3 (Brown et al. 2020, Table 2.1: 96 layers, d 12288, 96 heads of 128, context 2048; the GPT-2
-#   architecture: a two-matrix GELU MLP of 4·d, tied input/output embeddings).
+# - GPT-3 (Brown et al. 2020, Table 2.1: 96 layers, d 12288, 96 heads of 128; §2.1: context 2048 and the
+#   GPT-2 architecture: a two-matrix GELU MLP of 4·d, tied input/output embeddings; §2.1 also alternates
+#   dense and locally banded sparse attention layers, whose band is not published: kvref makes every layer dense).
 # - DeepSeek-V2 (arXiv 2405.04434, §3.1.2) and DeepSeek-V3 (arXiv 2412.19437, §4.2) hyper-parameters,
 #   and deepseek-ai/DeepSeek-V2 and DeepSeek-V3 config.json: MLA (kv_lora_rank 512, qk_rope_head_dim
 #   64, qk_nope_head_dim = v_head_dim = 128, q_lora_rank 1536) and DeepSeekMoE. V2: 60 layers, d 5120,
@@ -159,7 +160,8 @@ def _swiglu_hidden(d_model: int) -> int:
 #   d 7168, 256 routed + 1 shared, top-8, width 2,048, the first 3 layers dense (18,432); 671B total
 #   (685B with the multi-token-prediction module, not modelled), 37B active. kvref builds both at
 #   235.74e9 and 671.03e9 (kvref.mla.MLATransformer on the meta device; V3's 14,848 router
-#   score biases are left out).
+#   score biases are left out). Context: the papers' 128K (131,072); the config.json files say
+#   163,840, YaRN's factor 40 over the 4,096 trained.
 # kvref builds every dense model Llama-style (RoPE, RMSNorm, no biases): for GPT-3 that drops its
 # learned positions and biases (40.5M parameters), 174.57e9 against 174.60e9.
 _PRESETS = [
