@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kvkata import backup, cli, manifest, progress
+from kvkata import backup, board, cli, manifest, progress
 from test_learner_tools import kvkata, learner_files
 
 FIRST = manifest.all_katas()[0]          # the kata a fresh checkout starts on
@@ -207,3 +207,47 @@ def test_dev_snapshot_packs_the_stubs_and_the_old_name_says_it_moved(project_cop
     old = kvkata(project_copy, "snapshot")
     assert old.returncode == 0 and "kvkata dev snapshot" in old.stderr
     assert "snapshot" not in kvkata(project_copy, "--help").stdout  # hidden: only `dev snapshot` is offered
+
+
+# --- 80 columns ----------------------------------------------------------------------------------
+
+def _too_wide(lines: list[str], verbatim: set[str] = frozenset()) -> list[str]:
+    """Lines over 80 columns that could have been wrapped: not one long word (a test's name, a path)
+    and not a line kept as written (a formula of the notes, lined up by hand)."""
+    return [ln for ln in lines if len(ln) > 80 and len(ln.split()) > 1 and ln.rstrip() not in verbatim]
+
+
+def _printed(capsys, *argv: str) -> list[str]:
+    try:
+        cli.main(list(argv))
+    except SystemExit:
+        pass  # a refusal: its words are checked like any other
+    out = capsys.readouterr()
+    return (out.out + out.err).splitlines()
+
+
+def test_the_board_list_hints_and_notes_fit_80_columns(capsys):
+    katas = manifest.all_katas()
+    # every mark on the board at once (solved, failing, stub, not run, stale), and a run that adds its own lines
+    status = {progress.key(k): list(board.MARKS)[i % len(board.MARKS)] for i, k in enumerate(katas)}
+    nodes = {f"t::{k.name}": k for k in katas}
+    state = board.RunState({n: "passed" for n in nodes}, nodes, {(k.card, k.name): 3 for k in katas},
+                           broken={"card06": "SyntaxError"})
+    lines = board.render(None, status=status) + board.render(state, status=status) + board.render_list(status)
+    assert not _too_wide(lines), _too_wide(lines)
+    assert any("katas solved" in ln and "card06" in ln for ln in board.render(None, status=status))
+    for argv in (["status"], ["list"], ["hint", "card42"], ["hint", "card00", "no_such_kata"],
+                 ["hint", "card00", "--kata", "no_such_kata"], ["reset", "card00", "no_such_kata"]):
+        assert not _too_wide(_printed(capsys, *argv)), argv
+    for card in manifest.cards():
+        formulas = {"  " + ln.rstrip() for ln in card.notes()["derivation"].splitlines() if ln[:1].isspace()}
+        for argv in ([card.id, "--sheet"], [card.id]):
+            printed = _printed(capsys, "interview", *argv)
+            assert not _too_wide(printed, formulas), (argv, _too_wide(printed, formulas))
+        for level in (1, 2, 3):
+            printed = _printed(capsys, "hint", card.id, "--level", str(level))
+            assert not _too_wide(printed), (card.id, level, _too_wide(printed))
+    # the notes' prose is rewrapped, never lost: the same words in the same order
+    for card in manifest.cards():
+        derivation = card.notes()["derivation"]
+        assert " ".join(board.reflow(derivation)).split() == derivation.split(), card.id

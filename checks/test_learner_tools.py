@@ -201,7 +201,8 @@ def test_live_interview_maps_a_known_wrong_answer_to_the_points_its_tests_probe(
     failing = kata_tests_in(project_copy / "katas" / card02.dir / "test_card02_memory_vs_compute.py", "kv_bytes_per_token")
     assert failing
     for t in failing:
-        assert f"  {t}\n      probes: {probes[t]}" in proc.stdout, proc.stdout
+        said = "\n".join(board.wrap(probes[t], "      probes: ", " " * 14))  # wrapped to 80 columns
+        assert f"  {t}\n{said}\n" in proc.stdout, proc.stdout
     for t in probes:
         if t not in failing:
             assert f"  {t}\n      probes:" not in proc.stdout, f"{t} passes, yet it is listed as failing"

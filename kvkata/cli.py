@@ -30,7 +30,6 @@ import ast
 import os
 import re
 import sys
-import textwrap
 from pathlib import Path
 
 from kvkata import ROOT, board, manifest, progress, runner
@@ -47,12 +46,15 @@ def _card_or_exit(card_id: str) -> manifest.Card:
 
 def _valid_names() -> str:
     cards = ", ".join(c.id for c in manifest.cards())
-    katas = textwrap.fill(", ".join(k.name for k in manifest.all_katas()), width=100, subsequent_indent="  ")
-    return f"Cards: {cards}.\nKatas: {katas}\n(kvkata list shows them by card, with your status.)"
+    text = board.wrap(f"Cards: {cards}.", "", "  ") + board.wrap(", ".join(k.name for k in manifest.all_katas()),
+                                                                 "Katas: ", "  ")
+    return "\n".join(text + ["(kvkata list shows them by card, with your status.)"])
 
 
 def _refuse(text: str) -> SystemExit:
-    print(f"kvkata: {text}", file=sys.stderr)
+    """Print `text` (wrapped to the terminal's 80 columns, line by line) and return the exit to raise."""
+    lines = f"kvkata: {text}".splitlines()
+    print("\n".join(w for line in lines for w in board.wrap(line, "", "  ")), file=sys.stderr)
     return SystemExit(2)
 
 
@@ -86,7 +88,7 @@ def where(words: list[str] | None) -> tuple[manifest.Card, manifest.Kata | None]
     if kata is None or len(words) == 2:
         near = [k.name for k in manifest.all_katas() if first.lower() in k.name.lower()][:8]
         also = f" Did you mean: {', '.join(near)}?" if near else ""
-        raise _refuse(f"no card or kata named {' '.join(words)!r}.{also} {_valid_names()}")
+        raise _refuse(f"no card or kata named {' '.join(words)!r}.{also}\n{_valid_names()}")
     return manifest.card(kata.card), kata
 
 
@@ -151,10 +153,11 @@ def cmd_status(args) -> int:
     saved = progress.load()
     if saved:
         latest = max(entry.get("time", "") for entry in saved.values())
-        print(f"kvkata progress, as your runs left it (the latest at {latest.replace('T', ' ')}; "
-              "pytest, kvkata and kvkata watch update it):")
+        head = (f"kvkata progress, as your runs left it (the latest at {latest.replace('T', ' ')}; "
+                "pytest, kvkata and kvkata watch update it):")
     else:
-        print("kvkata progress: nothing run yet (pytest, kvkata and kvkata watch save what they run):")
+        head = "kvkata progress: nothing run yet (pytest, kvkata and kvkata watch save what they run):"
+    print("\n".join(board.wrap(head, "", "  ")))
     for line in board.render(None, status=progress.statuses(saved)):
         print(line)
     return 0
@@ -165,19 +168,18 @@ def cmd_hint(args) -> int:
     hints = card.hints()
     if args.kata:
         if args.kata not in hints:
-            print(f"kvkata: {card.id} has no kata {args.kata!r}. Its katas: {', '.join(k.name for k in card.katas)}",
-                  file=sys.stderr)
-            return 2
+            raise _refuse(f"{card.id} has no kata {args.kata!r}. Its katas: {', '.join(k.name for k in card.katas)}")
         kata = next(k for k in card.katas if k.name == args.kata)
     names = [kata.name] if kata else [k.name for k in card.katas]
     label = {1: "nudge", 2: "method", 3: "near-answer"}
-    print(f"{card.id}: {card.title} - hints, level {args.level} ({label.get(args.level, 'level ' + str(args.level))})")
+    print("\n".join(board.wrap(f"{card.id}: {card.title} - hints, level {args.level} ({label[args.level]})",
+                              "", "  ")))
     for name in names:
         levels = hints[name]
         level = min(args.level, len(levels))
         k = next(k for k in card.katas if k.name == name)
-        print(f"\n  {name}  ({k.where()})")
-        print(textwrap.fill(levels[level - 1], width=96, initial_indent="    ", subsequent_indent="    "))
+        print(f"\n  {name}  (katas/{k.dir}/{k.module}.py)")
+        print("\n".join(board.wrap(levels[level - 1], "    ", "    ")))
     if args.level < 3:
         target = f"{card.id} {kata.name}" if kata else card.id
         print(f"\nMore: kvkata hint {target} --level {args.level + 1}")
@@ -262,7 +264,7 @@ def cmd_solution(args) -> int:
         if tagged:
             print(f"\n--- the interviewer's questions on {k.name} ({card.id}: {card.title}) ---")
             for q in tagged:
-                print(f"\n  Q{q.number}. " + textwrap.fill(q.text, width=96, subsequent_indent="      "))
+                print("\n" + "\n".join(board.wrap(q.text, f"  Q{q.number}. ", "      ")))
                 for line in interview.rubric_lines(q):
                     print(line)
         print()
