@@ -54,6 +54,10 @@ def test_a_k_expression_that_matches_nothing_is_refused_before_anything_runs(cap
             cli.check_k(expr)
         assert e.value.code == 2
         assert expr.split()[-1] in capsys.readouterr().err
+    for expr in ("card00 and", "(card00", "card00 or or attend"):  # pytest would stop with a usage error
+        with pytest.raises(SystemExit) as e:
+            cli.check_k(expr)
+        assert e.value.code == 2 and "does not parse" in capsys.readouterr().err, expr
     for expr in ("card00", "decode_step", "card00 and not attend", "test_card07", "CARD00"):
         cli.check_k(expr)  # each selects tests: no refusal
 

@@ -105,7 +105,17 @@ def _test_names() -> set[str]:
 
 
 def check_k(expr: str) -> None:
-    """Refuse at once a -k expression one of whose words matches no card, kata, test file or test."""
+    """Refuse at once a -k expression that pytest cannot parse, or one of whose words matches no card,
+    kata, test file or test."""
+    try:
+        from _pytest.mark.expression import Expression  # pytest's own parser of -k
+    except ImportError:  # another pytest: the run itself reports an expression it cannot parse
+        pass
+    else:
+        try:
+            Expression.compile(expr)
+        except Exception as e:  # noqa: BLE001 - SyntaxError in pytest 9, ParseError before
+            raise _refuse(f"-k {expr!r} does not parse: {e}. Example: -k 'card00 and not attend'") from None
     words = [w for w in re.findall(r"[A-Za-z_][\w.\[\]-]*", expr) if w not in ("and", "or", "not")]
     known = [c.id for c in manifest.cards()] + [c.dir for c in manifest.cards()]
     known += [k.name for k in manifest.all_katas()] + [p.name for p in (ROOT / "katas").glob("*/test_*.py")]
@@ -133,6 +143,11 @@ def cmd_board(args) -> int:
     if data is None or result.returncode not in (0, 1) or not data["tests"]:
         # Interrupted (a test module that does not import, a usage error) or nothing selected:
         # show pytest's own words rather than an empty board.
+        errors = [ln for ln in result.output.splitlines() if ln.startswith("ERROR:")]
+        if result.returncode == 4 and errors:  # pytest refused its command line (a -k that does not parse)
+            print("\n".join(errors), file=sys.stderr)
+            print("kvkata: pytest refused the command line (above); nothing ran.", file=sys.stderr)
+            return 2
         print(result.output[-8000:], file=sys.stderr)
         why = "no test was selected" if data is not None and not data["tests"] else "the test run did not finish"
         print(f"kvkata: {why}; see pytest's output above.", file=sys.stderr)

@@ -71,7 +71,7 @@ class Stream:
                 if detail:
                     self._write(detail)
         elif str(report.longrepr).startswith("NOT RUN "):  # the plugin's word for a test after a hang
-            self._write(f"  not run  {_test_name(report.nodeid)}  (an earlier test of the kata hung)")
+            self._write(f"  not run  {_test_name(report.nodeid)}")  # the TIMEOUT message above says why
         elif self.first_failure is None:
             self.first_failure = report.nodeid
             self._write(f"  FAIL  {_test_name(report.nodeid)}\n\n{report.longrepr}\n")
@@ -275,7 +275,7 @@ def watch(card_id: str | None = None, once: bool = False) -> int:
                                   "Give a card to keep watching one: kvkata watch card00", "", "  ")))
         return 0
     katas = [kata] if kata is not None else list(start.katas)  # a solved card: rerun all of it
-    _say(f"kvkata watch: starting with {katas[0].card} {katas[0].name} in {katas[0].where()}")
+    _say(f"kvkata watch: starting with {katas[0].card} {katas[0].name}\n  in {katas[0].where()}")
     _say("\n".join(board.wrap("Loading torch, hypothesis and kvref once (a few seconds); after that a save reruns "
                               "your kata without reloading them.", "  ", "  ")))
     try:
