@@ -255,3 +255,35 @@ def test_the_board_list_hints_and_notes_fit_80_columns(capsys):
     for card in manifest.cards():
         derivation = card.notes()["derivation"]
         assert " ".join(board.reflow(derivation)).split() == derivation.split(), card.id
+
+
+# --- the maintainers' tools ------------------------------------------------------------------------
+
+def _mutate():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("kvkata_mutate", Path(cli.ROOT) / "tools" / "mutate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mutate_refuses_an_unknown_card_or_module_with_the_valid_names(capsys):
+    mutate = _mutate()
+    for argv, valid in ((["card42"], "card00"), (["card09", "--module", "nope", "--list"], "kernel")):
+        with pytest.raises(SystemExit) as e:
+            mutate.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and valid in err and "Traceback" not in err, (argv, err)
+    assert mutate.main(["card12", "--list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed and all(line.startswith("trap.py line ") for line in listed), listed
+
+
+@pytest.mark.slow
+def test_mutate_on_one_card_ends_on_its_score_without_teardown_noise():
+    proc = subprocess.run([sys.executable, "tools/mutate.py", "card12"], cwd=cli.ROOT, capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k not in ("KVKATA_MODE", "PYTEST_ADDOPTS")},
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert any(ln.startswith("card12: ") and "mutants killed" in ln for ln in proc.stdout.splitlines()), proc.stdout
+    assert "leaked" not in proc.stderr, proc.stderr[-1000:]  # triton's bindings at interpreter exit
