@@ -153,7 +153,13 @@ def test_reset_says_what_it_does_and_restore_lists_what_each_backup_holds(projec
     kvkata(project_copy, "reset", FIRST.name)
     assert stub.read_text() == pristine
     listing = kvkata(project_copy, "restore")
-    rows = [line for line in listing.stdout.splitlines() if line[:8].isdigit()]
+    assert not _too_wide(listing.stdout.splitlines()), listing.stdout
+    rows = []  # one entry per backup: its first line starts with the id, the next ones are indented
+    for line in listing.stdout.splitlines():
+        if line[:8].isdigit():
+            rows.append(line)
+        elif rows and line.startswith("    "):
+            rows[-1] += "\n" + line
     assert len(rows) == 2, listing.stdout
     n = len([k for k in manifest.all_katas() if (k.dir, k.module) == (FIRST.dir, FIRST.module)])
     assert f"{CARD0.id}" in rows[0] and SECOND.name in rows[0] and f"0/{n}" in rows[0]

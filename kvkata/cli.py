@@ -321,9 +321,10 @@ def cmd_reset(args) -> int:
     if folder is None:
         print(f"kvkata: {what} is already the stub; nothing written, nothing backed up.")
         return 0
-    scope = "the whole file" if args.whole_file and kata else (kata.name if kata else f"every kata of {card.id}")
-    print(f"kvkata: reset {what}: {scope} in {', '.join(str(f) for f in files)} back to the stub.")
-    print(f"Your previous version is saved in {folder.relative_to(ROOT)}/ (kvkata restore {folder.name} brings it back).")
+    scope = ": the whole file" if args.whole_file and kata else ("" if kata else f": every kata of {card.id}")
+    print(f"kvkata: reset {what}{scope}")
+    print("\n".join(board.wrap(f"back to the stub in {', '.join(str(f) for f in files)}.", "  ", "  ")))
+    print(f"Your previous version is saved in {folder.relative_to(ROOT)}/\n  (kvkata restore {folder.name} brings it back).")
     return 0
 
 
@@ -340,18 +341,18 @@ def cmd_restore(args) -> int:
         if not found:
             print("kvkata: no backups yet (kvkata reset writes one before it changes a file).")
             return 0
-        print(backup.HEADER)
+        print("\n".join(board.wrap(backup.HEADER)))
         for b, files in found:
-            print(backup.describe(b, files))
-        print(f"\nkvkata restore ID brings one back; kvkata restore --latest the newest ({found[-1][0]}).")
+            print("\n".join(backup.describe(b, files)))
+        print(f"\nkvkata restore ID brings one back; kvkata restore --latest the newest\n  ({found[-1][0]}).")
         return 0
     try:
         folder, files = backup.restore(bid)
     except KeyError as e:
         print(f"kvkata: {e.args[0]}", file=sys.stderr)
         return 2
-    print(f"kvkata: restored {', '.join(str(f) for f in files)} from backup {bid}.")
-    print(f"The versions it replaced are saved in {folder.relative_to(ROOT)}/ (kvkata restore {folder.name} undoes this).")
+    print("\n".join(board.wrap(f"kvkata: restored {', '.join(str(f) for f in files)} from backup {bid}.", "", "  ")))
+    print(f"The versions it replaced are saved in {folder.relative_to(ROOT)}/\n  (kvkata restore {folder.name} undoes this).")
     return 0
 
 
@@ -382,10 +383,33 @@ def cmd_snapshot(args) -> int:
     return 0
 
 
+def _back_up_or_refuse(paths: list[Path], shown: str) -> bool:
+    """Before a command replaces files of its own name: back up those under this folder (say where);
+    False (after saying why) when one lies outside it, where kvkata keeps no backups."""
+    from kvkata import backup
+    cwd = Path.cwd().resolve()
+    found = [p.resolve() for p in paths if p.exists()]
+    if not found:
+        return True
+    outside = [p for p in found if cwd not in p.parents]
+    if outside:
+        print("\n".join(board.wrap(f"kvkata: {shown} already holds {', '.join(p.name for p in outside)}, outside "
+                                   "this folder; give a new path (kvkata never overwrites a file it did not "
+                                   "back up)", "", "  ")), file=sys.stderr)
+        return False
+    folder = backup.back_up([p.relative_to(cwd) for p in found], root=cwd, note={"command": "plot"})
+    print("\n".join(board.wrap(f"kvkata: backed up the old {', '.join(p.name for p in found)} to "
+                               f"{folder.relative_to(cwd)}/", "", "  ")))
+    return True
+
+
 def cmd_plot(args) -> int:
-    from kvkata.plots import plot_all
+    from kvkata.plots import names, plot_all
+    out = Path(args.out)
+    if not _back_up_or_refuse([out / name for name in names(args.spoilers)], args.out):
+        return 2
     try:
-        written = plot_all(Path(args.out), spoilers=args.spoilers)
+        written = plot_all(out, spoilers=args.spoilers)
     except ImportError as e:
         print(f"kvkata plot needs matplotlib ({e}): pip install matplotlib", file=sys.stderr)
         return 2
