@@ -364,12 +364,14 @@ def cmd_solutions_branch(args) -> int:
         print(f"kvkata: {e}", file=sys.stderr)
         return 2
     verb = "built" if changed else "already up to date:"
-    print(f"kvkata: {verb} branch {sb.BRANCH} ({commit[:12]}): your HEAD ({head[:12]}) with the worked solutions "
-          "in katas/. Your branch, index and files are unchanged.")
-    print(f"  on it, katas/ hold the worked answers: git switch {sb.BRANCH} && pytest --interviewer -k card07 "
-          "(plain pytest -k card07 grades katas/ itself; git switch - goes back)")
-    print(f"  a candidate's against them:    git diff {sb.BRANCH} -- katas/card07_distributed")
-    print("  after a new commit, run kvkata solutions-branch again to refresh it.")
+    lines = board.wrap(f"kvkata: {verb} branch {sb.BRANCH} ({commit[:12]}): your HEAD ({head[:12]}) with the "
+                       "worked solutions in katas/. Your branch, index and files are unchanged.", "", "  ")
+    lines += ["  on it, katas/ hold the worked answers (plain pytest grades them too):",
+              f"    git switch {sb.BRANCH} && pytest --interviewer -k card07", "    (git switch - goes back)",
+              "  a candidate's answers against them:",
+              f"    git diff {sb.BRANCH} -- katas/card07_distributed",
+              "  after a new commit, run kvkata solutions-branch again to refresh it."]
+    print("\n".join(lines))
     return 0
 
 
