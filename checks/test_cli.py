@@ -97,7 +97,7 @@ def test_unknown_names_are_refused_at_once_everywhere_and_write_nothing(project_
 
 def test_a_fresh_checkout_starts_at_the_first_kata_and_moves_on_after_it_passes(project_copy):
     hint = kvkata(project_copy, "hint")
-    assert hint.returncode == 0 and f"{FIRST.name}  ({FIRST.where()})" in hint.stdout, hint.stdout
+    assert hint.returncode == 0 and f"{FIRST.name}  (katas/{FIRST.dir}/{FIRST.module}.py)" in hint.stdout, hint.stdout
     assert f"kvkata hint {CARD0.id} {FIRST.name} --level 2" in hint.stdout
     run = kvkata(project_copy, "run")
     assert run.returncode == 1 and f"kvkata run: {FIRST.card} {FIRST.name}" in run.stdout, run.stdout + run.stderr
@@ -124,7 +124,7 @@ def test_a_fresh_checkout_starts_at_the_first_kata_and_moves_on_after_it_passes(
     assert tagged and all(f"Q{q.number}." in shown.stdout for q in tagged)
     assert all(f"Q{q.number}." not in shown.stdout for q in untagged)
     nxt = kvkata(project_copy, "hint")
-    assert f"{SECOND.name}  ({SECOND.where()})" in nxt.stdout  # where you are moved on
+    assert f"{SECOND.name}  (katas/{SECOND.dir}/{SECOND.module}.py)" in nxt.stdout  # where you are moved on
     still = kvkata(project_copy, "solution")  # the next kata is not solved: refused
     assert still.returncode == 1 and SECOND.name in still.stderr
     anyway = kvkata(project_copy, "solution", "--anyway")
