@@ -168,10 +168,9 @@ def cmd_status(args) -> int:
     saved = progress.load()
     if saved:
         latest = max(entry.get("time", "") for entry in saved.values())
-        head = (f"kvkata progress, as your runs left it (the latest at {latest.replace('T', ' ')}; "
-                "pytest, kvkata and kvkata watch update it):")
+        head = f"kvkata progress, as your runs left it (the latest at {latest.replace('T', ' ')}):"
     else:
-        head = "kvkata progress: nothing run yet (pytest, kvkata and kvkata watch save what they run):"
+        head = "kvkata progress: nothing run yet (pytest, kvkata and watch save what they run):"
     print("\n".join(board.wrap(head, "", "  ")))
     for line in board.render(None, status=progress.statuses(saved)):
         print(line)
