@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kvkata import backup, cli, manifest, progress
+from kvkata import backup, board, cli, manifest, progress
 from test_learner_tools import kvkata, learner_files
 
 FIRST = manifest.all_katas()[0]          # the kata a fresh checkout starts on
@@ -54,6 +54,10 @@ def test_a_k_expression_that_matches_nothing_is_refused_before_anything_runs(cap
             cli.check_k(expr)
         assert e.value.code == 2
         assert expr.split()[-1] in capsys.readouterr().err
+    for expr in ("card00 and", "(card00", "card00 or or attend"):  # pytest would stop with a usage error
+        with pytest.raises(SystemExit) as e:
+            cli.check_k(expr)
+        assert e.value.code == 2 and "does not parse" in capsys.readouterr().err, expr
     for expr in ("card00", "decode_step", "card00 and not attend", "test_card07", "CARD00"):
         cli.check_k(expr)  # each selects tests: no refusal
 
@@ -93,7 +97,7 @@ def test_unknown_names_are_refused_at_once_everywhere_and_write_nothing(project_
 
 def test_a_fresh_checkout_starts_at_the_first_kata_and_moves_on_after_it_passes(project_copy):
     hint = kvkata(project_copy, "hint")
-    assert hint.returncode == 0 and f"{FIRST.name}  ({FIRST.where()})" in hint.stdout, hint.stdout
+    assert hint.returncode == 0 and f"{FIRST.name}  (katas/{FIRST.dir}/{FIRST.module}.py)" in hint.stdout, hint.stdout
     assert f"kvkata hint {CARD0.id} {FIRST.name} --level 2" in hint.stdout
     run = kvkata(project_copy, "run")
     assert run.returncode == 1 and f"kvkata run: {FIRST.card} {FIRST.name}" in run.stdout, run.stdout + run.stderr
@@ -120,7 +124,7 @@ def test_a_fresh_checkout_starts_at_the_first_kata_and_moves_on_after_it_passes(
     assert tagged and all(f"Q{q.number}." in shown.stdout for q in tagged)
     assert all(f"Q{q.number}." not in shown.stdout for q in untagged)
     nxt = kvkata(project_copy, "hint")
-    assert f"{SECOND.name}  ({SECOND.where()})" in nxt.stdout  # where you are moved on
+    assert f"{SECOND.name}  (katas/{SECOND.dir}/{SECOND.module}.py)" in nxt.stdout  # where you are moved on
     still = kvkata(project_copy, "solution")  # the next kata is not solved: refused
     assert still.returncode == 1 and SECOND.name in still.stderr
     anyway = kvkata(project_copy, "solution", "--anyway")
@@ -149,7 +153,13 @@ def test_reset_says_what_it_does_and_restore_lists_what_each_backup_holds(projec
     kvkata(project_copy, "reset", FIRST.name)
     assert stub.read_text() == pristine
     listing = kvkata(project_copy, "restore")
-    rows = [line for line in listing.stdout.splitlines() if line[:8].isdigit()]
+    assert not _too_wide(listing.stdout.splitlines()), listing.stdout
+    rows = []  # one entry per backup: its first line starts with the id, the next ones are indented
+    for line in listing.stdout.splitlines():
+        if line[:8].isdigit():
+            rows.append(line)
+        elif rows and line.startswith("    "):
+            rows[-1] += "\n" + line
     assert len(rows) == 2, listing.stdout
     n = len([k for k in manifest.all_katas() if (k.dir, k.module) == (FIRST.dir, FIRST.module)])
     assert f"{CARD0.id}" in rows[0] and SECOND.name in rows[0] and f"0/{n}" in rows[0]
@@ -207,3 +217,79 @@ def test_dev_snapshot_packs_the_stubs_and_the_old_name_says_it_moved(project_cop
     old = kvkata(project_copy, "snapshot")
     assert old.returncode == 0 and "kvkata dev snapshot" in old.stderr
     assert "snapshot" not in kvkata(project_copy, "--help").stdout  # hidden: only `dev snapshot` is offered
+
+
+# --- 80 columns ----------------------------------------------------------------------------------
+
+def _too_wide(lines: list[str], verbatim: set[str] = frozenset()) -> list[str]:
+    """Lines over 80 columns that could have been wrapped: not one long word (a test's name, a path)
+    and not a line kept as written (a formula of the notes, lined up by hand)."""
+    return [ln for ln in lines if len(ln) > 80 and len(ln.split()) > 1 and ln.rstrip() not in verbatim]
+
+
+def _printed(capsys, *argv: str) -> list[str]:
+    try:
+        cli.main(list(argv))
+    except SystemExit:
+        pass  # a refusal: its words are checked like any other
+    out = capsys.readouterr()
+    return (out.out + out.err).splitlines()
+
+
+def test_the_board_list_hints_and_notes_fit_80_columns(capsys):
+    katas = manifest.all_katas()
+    # every mark on the board at once (solved, failing, stub, not run, stale), and a run that adds its own lines
+    status = {progress.key(k): list(board.MARKS)[i % len(board.MARKS)] for i, k in enumerate(katas)}
+    nodes = {f"t::{k.name}": k for k in katas}
+    state = board.RunState({n: "passed" for n in nodes}, nodes, {(k.card, k.name): 3 for k in katas},
+                           broken={"card06": "SyntaxError"})
+    lines = board.render(None, status=status) + board.render(state, status=status) + board.render_list(status)
+    assert not _too_wide(lines), _too_wide(lines)
+    assert any("katas solved" in ln and "card06" in ln for ln in board.render(None, status=status))
+    for argv in (["status"], ["list"], ["hint", "card42"], ["hint", "card00", "no_such_kata"],
+                 ["hint", "card00", "--kata", "no_such_kata"], ["reset", "card00", "no_such_kata"]):
+        assert not _too_wide(_printed(capsys, *argv)), argv
+    for card in manifest.cards():
+        formulas = {"  " + ln.rstrip() for ln in card.notes()["derivation"].splitlines() if ln[:1].isspace()}
+        for argv in ([card.id, "--sheet"], [card.id]):
+            printed = _printed(capsys, "interview", *argv)
+            assert not _too_wide(printed, formulas), (argv, _too_wide(printed, formulas))
+        for level in (1, 2, 3):
+            printed = _printed(capsys, "hint", card.id, "--level", str(level))
+            assert not _too_wide(printed), (card.id, level, _too_wide(printed))
+    # the notes' prose is rewrapped, never lost: the same words in the same order
+    for card in manifest.cards():
+        derivation = card.notes()["derivation"]
+        assert " ".join(board.reflow(derivation)).split() == derivation.split(), card.id
+
+
+# --- the maintainers' tools ------------------------------------------------------------------------
+
+def _mutate():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("kvkata_mutate", Path(cli.ROOT) / "tools" / "mutate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mutate_refuses_an_unknown_card_or_module_with_the_valid_names(capsys):
+    mutate = _mutate()
+    for argv, valid in ((["card42"], "card00"), (["card09", "--module", "nope", "--list"], "kernel")):
+        with pytest.raises(SystemExit) as e:
+            mutate.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and valid in err and "Traceback" not in err, (argv, err)
+    assert mutate.main(["card12", "--list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed and all(line.startswith("trap.py line ") for line in listed), listed
+
+
+@pytest.mark.slow
+def test_mutate_on_one_card_ends_on_its_score_without_teardown_noise():
+    proc = subprocess.run([sys.executable, "tools/mutate.py", "card12"], cwd=cli.ROOT, capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k not in ("KVKATA_MODE", "PYTEST_ADDOPTS")},
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert any(ln.startswith("card12: ") and "mutants killed" in ln for ln in proc.stdout.splitlines()), proc.stdout
+    assert "leaked" not in proc.stderr, proc.stderr[-1000:]  # triton's bindings at interpreter exit

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +91,35 @@ def test_the_plot_help_names_the_cards_and_katas_the_spoilers_give_away():
     for figure, what in plots.SPOILERS.items():
         card, kata = what.split(":")[0].split("'s ")
         assert figure.removesuffix(".png") in text and card in text and kata in text, (figure, text)
+
+
+def test_plot_backs_up_a_figure_it_replaces_and_refuses_one_outside_the_folder(tmp_path, monkeypatch, capsys):
+    """No command overwrites a file without a backup: a second `kvkata plot`, or a folder holding a
+    file of the same name, keeps the old file in .kvkata/backups/ (outside the current folder: refused)."""
+    from kvkata import backup
+
+    def fake_plot_all(out, spoilers=False):  # what plot_all writes, without drawing it
+        out.mkdir(parents=True, exist_ok=True)
+        for name in plots.names(spoilers):
+            (out / name).write_bytes(b"drawn by kvkata")
+        return [out / name for name in plots.names(spoilers)]
+
+    monkeypatch.setattr(plots, "plot_all", fake_plot_all)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    (here / "figs").mkdir()
+    mine = here / "figs" / plots.FIGURES[1]
+    mine.write_bytes(b"my own roofline")
+    assert cli.main(["plot", "--out", "figs"]) == 0
+    assert "backed up the old roofline.png" in capsys.readouterr().out
+    (bid, files), = backup.list_backups(here)
+    assert files == [Path("figs") / plots.FIGURES[1]]
+    assert (here / ".kvkata" / "backups" / bid / "figs" / plots.FIGURES[1]).read_bytes() == b"my own roofline"
+    assert mine.read_bytes() == b"drawn by kvkata"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / plots.FIGURES[0]).write_bytes(b"not kvkata's")
+    assert cli.main(["plot", "--out", str(elsewhere)]) == 2
+    assert (elsewhere / plots.FIGURES[0]).read_bytes() == b"not kvkata's"
+    assert "outside this folder" in capsys.readouterr().err

@@ -171,23 +171,29 @@ def latest(root: Path = ROOT) -> str | None:
     return found[-1][0] if found else None
 
 
-def describe(backup_id: str, files: list[Path], root: Path = ROOT) -> str:
-    """One row of `kvkata restore`: id, time, card, kata, what passed then, the files."""
+def describe(backup_id: str, files: list[Path], root: Path = ROOT) -> list[str]:
+    """One entry of `kvkata restore`, in 80 columns: the id, card and kata, the time; the command it
+    came before; each file with how many of its katas the saved progress counted solved then."""
+    from kvkata.board import wrap
     note = note_of(backup_id, root)
     try:
         when = datetime.strptime(backup_id, "%Y%m%d-%H%M%S-%f").strftime("%Y-%m-%d %H:%M:%S")
     except ValueError:
         when = "?"
-    card = note.get("card") or "-"
-    kata = note.get("kata") or ("(whole card)" if note.get("card") else "-")
+    card = note.get("card")
+    kata = note.get("kata") or ("(whole card)" if card else "")
+    lines = wrap(f"{backup_id}  {card or ''} {kata}  ({when})", "", "    ")
+    if note.get("command"):
+        lines += wrap(f"before: kvkata {note['command']}", "    ", "      ")
     solved = note.get("solved", {})
-    passed = ", ".join(f"{a}/{b}" for a, b in solved.values()) if solved else "-"
-    what = note.get("command", "")
-    return (f"{backup_id:<22}  {when:<19}  {card:<7} {kata:<26} {passed:<11} "
-            f"{', '.join(str(f) for f in files)}" + (f"   (before: kvkata {what})" if what else ""))
+    for f in files:
+        counts = solved.get(Path(f).as_posix())
+        then = f"  ({counts[0]}/{counts[1]} of its katas solved then)" if counts else ""
+        lines += wrap(f"{f}{then}", "    ", "      ")
+    return lines
 
 
-HEADER = f"{'backup id':<22}  {'time':<19}  {'card':<7} {'kata':<26} {'solved then':<11} files"
+HEADER = "Backups, oldest first (each: its id, card and kata, time; the command it came before; its files):"
 
 
 def restore(backup_id: str, root: Path = ROOT) -> tuple[Path, list[Path]]:

@@ -6,6 +6,7 @@ stub changed since), with what the run just finished adds; it never runs anythin
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 
 from kvkata import manifest, progress
@@ -90,13 +91,25 @@ def _plural(n: int, word: str) -> str:
 
 
 MARKS = {"solved": "#", "failing": "x", "todo": "-", "not run": ".", "stale": "~"}
-LEGEND = ("marks: # solved   x failing   - still the stub   . not run yet   "
-          "~ stale: edited since its last run")
+LEGEND = ["marks: # solved   x failing   - still the stub   . not run yet",
+          "       ~ stale: edited since its last run"]
 BAR = 39  # the overall bar's width, in characters
+COLUMNS = 80  # every line a command prints fits a terminal this wide (prose is wrapped to it)
 
 
 def _width() -> int:
-    return max(40, *(len(c.title) for c in manifest.cards()))  # every card's bar in one column
+    """The title column: wide enough for every title, unless a row would then pass COLUMNS."""
+    most = max(len(c.katas) for c in manifest.cards())
+    tail = len(f" [{'.' * most}] {most}/{most} katas solved")
+    return min(max(len(c.title) for c in manifest.cards()), COLUMNS - len("  card00  ") - tail)
+
+
+def shorten(text: str, width: int) -> str:
+    """`text` cut at a word to fit `width`, with "..." saying it was cut."""
+    if len(text) <= width:
+        return text
+    cut = text[: width - 3]
+    return (cut.rsplit(" ", 1)[0] if " " in cut else cut).rstrip(" ,:;") + "..."
 
 
 def overall(status: dict[str, str]) -> str:
@@ -118,14 +131,15 @@ def render(state: RunState | None = None, record: dict | None = None, status: di
     for card in manifest.cards():
         marks = [status[progress.key(k)] for k in card.katas]
         solved = marks.count("solved")
+        title = shorten(card.title, width)
         if card.id in broken:
-            lines.append(f"  {card.id}  {card.title:<{width}} does not import: see above")
+            lines.append(f"  {card.id}  {title:<{width}} does not import: see above")
             continue
         bar = "".join(MARKS[m] for m in marks)
-        lines.append(f"  {card.id}  {card.title:<{width}} [{bar}] {solved}/{_plural(len(marks), 'kata')} solved")
+        lines.append(f"  {card.id}  {title:<{width}} [{bar}] {solved}/{_plural(len(marks), 'kata')} solved")
     lines += _this_run(state) if state is not None else []
-    lines.append("  " + LEGEND)
-    lines.append(_next_line(state, status))
+    lines += ["  " + line for line in LEGEND]
+    lines += _next_lines(state, status)
     return lines
 
 
@@ -135,40 +149,74 @@ def _this_run(state: RunState) -> list[str]:
         for s in statuses:
             skipped = s.outcomes.count("skipped")
             if s.state == "solved" and skipped:
-                lines.append(f"  {s.kata.card} {s.kata.name}: solved here; {_plural(skipped, 'test')} skipped and "
-                             "counted as passed (a GPU-only check without a CUDA device; pytest -rs says why)")
+                lines += wrap(f"{s.kata.card} {s.kata.name}: solved here; {_plural(skipped, 'test')} skipped and "
+                              "counted as passed (a GPU-only check without a CUDA device; pytest -rs says why)",
+                              "  ", "    ")
             if s.state == "partial":
-                lines.append(f"  {s.kata.card} {s.kata.name}: {len(s.outcomes)} of {_plural(s.total, 'test')} ran and "
-                             f"passed; solved once all of them pass in one run (pytest -k {s.kata.name})")
+                lines += wrap(f"{s.kata.card} {s.kata.name}: {len(s.outcomes)} of {_plural(s.total, 'test')} ran "
+                              f"and passed; solved once all of them pass in one run (pytest -k {s.kata.name})",
+                              "  ", "    ")
     return lines
 
 
-def _next_line(state: RunState | None, status: dict[str, str]) -> str:
+def wrap(text: str, first: str = "", rest: str = "", width: int = COLUMNS) -> list[str]:
+    """Prose wrapped to `width` columns (words never split: a long path stays whole)."""
+    return textwrap.wrap(" ".join(text.split()), width=width, initial_indent=first, subsequent_indent=rest,
+                         break_on_hyphens=False, break_long_words=False) or [first.rstrip()]
+
+
+def _next_lines(state: RunState | None, status: dict[str, str]) -> list[str]:
     """What to do next: a card of this run that does not import, else this run's first unsolved kata,
-    else the first unsolved kata of all."""
+    else the first unsolved kata of all. Two lines: the kata and its file, then the commands."""
     if state is not None and state.broken:
         card = next(c for c in manifest.cards() if c.id in state.broken)
-        return f"  next: make katas/{card.dir}/ import again (pytest -k {card.id})"
+        return [f"  next: make katas/{card.dir}/ import again (pytest -k {card.id})"]
     ran = {(k.card, k.name) for k in state.katas.values()} if state is not None else set()
     pending = [k for k in manifest.all_katas() if status[progress.key(k)] != "solved"]
     kata = next((k for k in pending if (k.card, k.name) in ran), pending[0] if pending else None)
     if kata is None:
-        return "  every kata is solved."
+        return ["  every kata is solved."]
     verb = {"failing": "fix", "stale": "rerun", "todo": "fill in", "not run": "fill in"}[status[progress.key(kata)]]
-    return f"  next: {verb} {kata.card} {kata.name} in {kata.where()}   (pytest -k {kata.name}; kvkata hint {kata.card})"
+    return wrap(f"next: {verb} {kata.card} {kata.name} in katas/{kata.dir}/{kata.module}.py", "  ", "        ") + \
+        wrap(f"(pytest -k {kata.name}; stuck? kvkata hint {kata.name})", "        ", "        ")
 
 
 def render_list(status: dict[str, str]) -> list[str]:
-    """`kvkata list`: every card and kata with its saved status, in aligned columns."""
+    """`kvkata list`: every card (and its folder) and kata (and its file) with its saved status, aligned."""
     name_w = max(len(k.name) for k in manifest.all_katas())
     lines = []
     for card in manifest.cards():
-        lines.append(f"{card.id}  {card.title}")
+        head = f"{card.id}  {card.title}  katas/{card.dir}/"
+        lines += [head] if len(head) <= COLUMNS else [f"{card.id}  {card.title}", f"        katas/{card.dir}/"]
         for k in card.katas:
             st = status[progress.key(k)]
-            lines.append(f"  {MARKS[st]} {k.name:<{name_w}}  {st:<8}  {k.where()}")
-    lines += [overall(status), "  " + LEGEND]
+            lines.append(f"  {MARKS[st]} {k.name:<{name_w}}  {st:<8}  {k.module}.py")
+    lines += [overall(status)] + ["  " + line for line in LEGEND]
     return lines
+
+
+def reflow(text: str, indent: str = "  ") -> list[str]:
+    """Notes' prose rewrapped to COLUMNS, paragraph by paragraph; an indented line (a formula, a
+    table row) is kept as written, since wrapping it would break what it lines up."""
+    out: list[str] = []
+    prose: list[str] = []
+
+    def flush() -> None:
+        if prose:
+            out.extend(wrap(" ".join(prose), indent, indent))
+            prose.clear()
+
+    for line in text.strip().splitlines():
+        if not line.strip():
+            flush()
+            out.append("")
+        elif line[0].isspace():
+            flush()
+            out.append(indent + line.rstrip())
+        else:
+            prose.append(line.strip())
+    flush()
+    return out
 
 
 def render_notes(card: manifest.Card) -> list[str]:
@@ -178,15 +226,19 @@ def render_notes(card: manifest.Card) -> list[str]:
            f"kvkata interview {card.id} --sheet):"] + interview.agenda_lines(card)
     out += ["", "Questions to ask, the answer to expect, and the rubric:"]
     for q in interview.questions(card):
-        out += [f"  {q.number}. {q.text}"] + interview.rubric_lines(q)
-    out += ["", "The derivation to expect:"] + ["  " + ln for ln in notes["derivation"].strip().splitlines()]
+        out += wrap(q.text, f"  {q.number}. ", "     ") + interview.rubric_lines(q)
+    out += ["", "The derivation to expect:"] + reflow(notes["derivation"])
     out += ["", "Follow-ups:"]
     for f in notes["follow_ups"]:
-        out += [f"  [{f['kind']}] {f['question']}", f"      expect: {f['expect']}"]
+        out += wrap(f["question"], f"  [{f['kind']}] ", "      ") + wrap(f["expect"], "      expect: ", "              ")
     out += ["", "Red flags (and the katas whose failures point to them):"]
     for r, katas in zip(notes["red_flags"], notes.get("red_flag_katas", [()] * len(notes["red_flags"]))):
-        out += [f"  - {r}"] + ([f"      ({', '.join(katas)})"] if katas else [])
-    out += ["", "Which tests probe what:"] + [f"  {t}: {what}" for t, what in notes["probes"].items()]
+        out += wrap(r, "  - ", "    ") + (wrap(f"({', '.join(katas)})", "      ", "       ") if katas else [])
+    out += ["", "Which tests probe what:"]
+    for t, what in notes["probes"].items():
+        out += wrap(f"{t}: {what}", "  ", "      ")
     if notes.get("sources"):
-        out += ["", "Sources:"] + [f"  - {s}" for s in notes["sources"]]
+        out += ["", "Sources:"]
+        for src in notes["sources"]:
+            out += wrap(src, "  - ", "    ")
     return out

@@ -30,7 +30,6 @@ import ast
 import os
 import re
 import sys
-import textwrap
 from pathlib import Path
 
 from kvkata import ROOT, board, manifest, progress, runner
@@ -47,12 +46,15 @@ def _card_or_exit(card_id: str) -> manifest.Card:
 
 def _valid_names() -> str:
     cards = ", ".join(c.id for c in manifest.cards())
-    katas = textwrap.fill(", ".join(k.name for k in manifest.all_katas()), width=100, subsequent_indent="  ")
-    return f"Cards: {cards}.\nKatas: {katas}\n(kvkata list shows them by card, with your status.)"
+    text = board.wrap(f"Cards: {cards}.", "", "  ") + board.wrap(", ".join(k.name for k in manifest.all_katas()),
+                                                                 "Katas: ", "  ")
+    return "\n".join(text + ["(kvkata list shows them by card, with your status.)"])
 
 
 def _refuse(text: str) -> SystemExit:
-    print(f"kvkata: {text}", file=sys.stderr)
+    """Print `text` (wrapped to the terminal's 80 columns, line by line) and return the exit to raise."""
+    lines = f"kvkata: {text}".splitlines()
+    print("\n".join(w for line in lines for w in board.wrap(line, "", "  ")), file=sys.stderr)
     return SystemExit(2)
 
 
@@ -86,7 +88,7 @@ def where(words: list[str] | None) -> tuple[manifest.Card, manifest.Kata | None]
     if kata is None or len(words) == 2:
         near = [k.name for k in manifest.all_katas() if first.lower() in k.name.lower()][:8]
         also = f" Did you mean: {', '.join(near)}?" if near else ""
-        raise _refuse(f"no card or kata named {' '.join(words)!r}.{also} {_valid_names()}")
+        raise _refuse(f"no card or kata named {' '.join(words)!r}.{also}\n{_valid_names()}")
     return manifest.card(kata.card), kata
 
 
@@ -103,7 +105,17 @@ def _test_names() -> set[str]:
 
 
 def check_k(expr: str) -> None:
-    """Refuse at once a -k expression one of whose words matches no card, kata, test file or test."""
+    """Refuse at once a -k expression that pytest cannot parse, or one of whose words matches no card,
+    kata, test file or test."""
+    try:
+        from _pytest.mark.expression import Expression  # pytest's own parser of -k
+    except ImportError:  # another pytest: the run itself reports an expression it cannot parse
+        pass
+    else:
+        try:
+            Expression.compile(expr)
+        except Exception as e:  # noqa: BLE001 - SyntaxError in pytest 9, ParseError before
+            raise _refuse(f"-k {expr!r} does not parse: {e}. Example: -k 'card00 and not attend'") from None
     words = [w for w in re.findall(r"[A-Za-z_][\w.\[\]-]*", expr) if w not in ("and", "or", "not")]
     known = [c.id for c in manifest.cards()] + [c.dir for c in manifest.cards()]
     known += [k.name for k in manifest.all_katas()] + [p.name for p in (ROOT / "katas").glob("*/test_*.py")]
@@ -131,6 +143,11 @@ def cmd_board(args) -> int:
     if data is None or result.returncode not in (0, 1) or not data["tests"]:
         # Interrupted (a test module that does not import, a usage error) or nothing selected:
         # show pytest's own words rather than an empty board.
+        errors = [ln for ln in result.output.splitlines() if ln.startswith("ERROR:")]
+        if result.returncode == 4 and errors:  # pytest refused its command line (a -k that does not parse)
+            print("\n".join(errors), file=sys.stderr)
+            print("kvkata: pytest refused the command line (above); nothing ran.", file=sys.stderr)
+            return 2
         print(result.output[-8000:], file=sys.stderr)
         why = "no test was selected" if data is not None and not data["tests"] else "the test run did not finish"
         print(f"kvkata: {why}; see pytest's output above.", file=sys.stderr)
@@ -151,10 +168,10 @@ def cmd_status(args) -> int:
     saved = progress.load()
     if saved:
         latest = max(entry.get("time", "") for entry in saved.values())
-        print(f"kvkata progress, as your runs left it (the latest at {latest.replace('T', ' ')}; "
-              "pytest, kvkata and kvkata watch update it):")
+        head = f"kvkata progress, as your runs left it (the latest at {latest.replace('T', ' ')}):"
     else:
-        print("kvkata progress: nothing run yet (pytest, kvkata and kvkata watch save what they run):")
+        head = "kvkata progress: nothing run yet (pytest, kvkata and watch save what they run):"
+    print("\n".join(board.wrap(head, "", "  ")))
     for line in board.render(None, status=progress.statuses(saved)):
         print(line)
     return 0
@@ -165,19 +182,18 @@ def cmd_hint(args) -> int:
     hints = card.hints()
     if args.kata:
         if args.kata not in hints:
-            print(f"kvkata: {card.id} has no kata {args.kata!r}. Its katas: {', '.join(k.name for k in card.katas)}",
-                  file=sys.stderr)
-            return 2
+            raise _refuse(f"{card.id} has no kata {args.kata!r}. Its katas: {', '.join(k.name for k in card.katas)}")
         kata = next(k for k in card.katas if k.name == args.kata)
     names = [kata.name] if kata else [k.name for k in card.katas]
     label = {1: "nudge", 2: "method", 3: "near-answer"}
-    print(f"{card.id}: {card.title} - hints, level {args.level} ({label.get(args.level, 'level ' + str(args.level))})")
+    print("\n".join(board.wrap(f"{card.id}: {card.title} - hints, level {args.level} ({label[args.level]})",
+                              "", "  ")))
     for name in names:
         levels = hints[name]
         level = min(args.level, len(levels))
         k = next(k for k in card.katas if k.name == name)
-        print(f"\n  {name}  ({k.where()})")
-        print(textwrap.fill(levels[level - 1], width=96, initial_indent="    ", subsequent_indent="    "))
+        print(f"\n  {name}  (katas/{k.dir}/{k.module}.py)")
+        print("\n".join(board.wrap(levels[level - 1], "    ", "    ")))
     if args.level < 3:
         target = f"{card.id} {kata.name}" if kata else card.id
         print(f"\nMore: kvkata hint {target} --level {args.level + 1}")
@@ -262,7 +278,7 @@ def cmd_solution(args) -> int:
         if tagged:
             print(f"\n--- the interviewer's questions on {k.name} ({card.id}: {card.title}) ---")
             for q in tagged:
-                print(f"\n  Q{q.number}. " + textwrap.fill(q.text, width=96, subsequent_indent="      "))
+                print("\n" + "\n".join(board.wrap(q.text, f"  Q{q.number}. ", "      ")))
                 for line in interview.rubric_lines(q):
                     print(line)
         print()
@@ -304,9 +320,10 @@ def cmd_reset(args) -> int:
     if folder is None:
         print(f"kvkata: {what} is already the stub; nothing written, nothing backed up.")
         return 0
-    scope = "the whole file" if args.whole_file and kata else (kata.name if kata else f"every kata of {card.id}")
-    print(f"kvkata: reset {what}: {scope} in {', '.join(str(f) for f in files)} back to the stub.")
-    print(f"Your previous version is saved in {folder.relative_to(ROOT)}/ (kvkata restore {folder.name} brings it back).")
+    scope = ": the whole file" if args.whole_file and kata else ("" if kata else f": every kata of {card.id}")
+    print(f"kvkata: reset {what}{scope}")
+    print("\n".join(board.wrap(f"back to the stub in {', '.join(str(f) for f in files)}.", "  ", "  ")))
+    print(f"Your previous version is saved in {folder.relative_to(ROOT)}/\n  (kvkata restore {folder.name} brings it back).")
     return 0
 
 
@@ -323,18 +340,18 @@ def cmd_restore(args) -> int:
         if not found:
             print("kvkata: no backups yet (kvkata reset writes one before it changes a file).")
             return 0
-        print(backup.HEADER)
+        print("\n".join(board.wrap(backup.HEADER)))
         for b, files in found:
-            print(backup.describe(b, files))
-        print(f"\nkvkata restore ID brings one back; kvkata restore --latest the newest ({found[-1][0]}).")
+            print("\n".join(backup.describe(b, files)))
+        print(f"\nkvkata restore ID brings one back; kvkata restore --latest the newest\n  ({found[-1][0]}).")
         return 0
     try:
         folder, files = backup.restore(bid)
     except KeyError as e:
         print(f"kvkata: {e.args[0]}", file=sys.stderr)
         return 2
-    print(f"kvkata: restored {', '.join(str(f) for f in files)} from backup {bid}.")
-    print(f"The versions it replaced are saved in {folder.relative_to(ROOT)}/ (kvkata restore {folder.name} undoes this).")
+    print("\n".join(board.wrap(f"kvkata: restored {', '.join(str(f) for f in files)} from backup {bid}.", "", "  ")))
+    print(f"The versions it replaced are saved in {folder.relative_to(ROOT)}/\n  (kvkata restore {folder.name} undoes this).")
     return 0
 
 
@@ -346,12 +363,14 @@ def cmd_solutions_branch(args) -> int:
         print(f"kvkata: {e}", file=sys.stderr)
         return 2
     verb = "built" if changed else "already up to date:"
-    print(f"kvkata: {verb} branch {sb.BRANCH} ({commit[:12]}): your HEAD ({head[:12]}) with the worked solutions "
-          "in katas/. Your branch, index and files are unchanged.")
-    print(f"  on it, katas/ hold the worked answers: git switch {sb.BRANCH} && pytest --interviewer -k card07 "
-          "(plain pytest -k card07 grades katas/ itself; git switch - goes back)")
-    print(f"  a candidate's against them:    git diff {sb.BRANCH} -- katas/card07_distributed")
-    print("  after a new commit, run kvkata solutions-branch again to refresh it.")
+    lines = board.wrap(f"kvkata: {verb} branch {sb.BRANCH} ({commit[:12]}): your HEAD ({head[:12]}) with the "
+                       "worked solutions in katas/. Your branch, index and files are unchanged.", "", "  ")
+    lines += ["  on it, katas/ hold the worked answers (plain pytest grades them too):",
+              f"    git switch {sb.BRANCH} && pytest --interviewer -k card07", "    (git switch - goes back)",
+              "  a candidate's answers against them:",
+              f"    git diff {sb.BRANCH} -- katas/card07_distributed",
+              "  after a new commit, run kvkata solutions-branch again to refresh it."]
+    print("\n".join(lines))
     return 0
 
 
@@ -365,10 +384,33 @@ def cmd_snapshot(args) -> int:
     return 0
 
 
+def _back_up_or_refuse(paths: list[Path], shown: str) -> bool:
+    """Before a command replaces files of its own name: back up those under this folder (say where);
+    False (after saying why) when one lies outside it, where kvkata keeps no backups."""
+    from kvkata import backup
+    cwd = Path.cwd().resolve()
+    found = [p.resolve() for p in paths if p.exists()]
+    if not found:
+        return True
+    outside = [p for p in found if cwd not in p.parents]
+    if outside:
+        print("\n".join(board.wrap(f"kvkata: {shown} already holds {', '.join(p.name for p in outside)}, outside "
+                                   "this folder; give a new path (kvkata never overwrites a file it did not "
+                                   "back up)", "", "  ")), file=sys.stderr)
+        return False
+    folder = backup.back_up([p.relative_to(cwd) for p in found], root=cwd, note={"command": "plot"})
+    print("\n".join(board.wrap(f"kvkata: backed up the old {', '.join(p.name for p in found)} to "
+                               f"{folder.relative_to(cwd)}/", "", "  ")))
+    return True
+
+
 def cmd_plot(args) -> int:
-    from kvkata.plots import plot_all
+    from kvkata.plots import names, plot_all
+    out = Path(args.out)
+    if not _back_up_or_refuse([out / name for name in names(args.spoilers)], args.out):
+        return 2
     try:
-        written = plot_all(Path(args.out), spoilers=args.spoilers)
+        written = plot_all(out, spoilers=args.spoilers)
     except ImportError as e:
         print(f"kvkata plot needs matplotlib ({e}): pip install matplotlib", file=sys.stderr)
         return 2

@@ -20,7 +20,6 @@ import ast
 import os
 import re
 import sys
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,26 +96,29 @@ def _clip(text: str, n: int) -> str:
 
 
 def agenda_lines(card: manifest.Card) -> list[str]:
-    return [f"  {start:>2}-{start + m:<2} min  {what}" for start, m, what in agenda(card)]
+    out = []
+    for start, m, what in agenda(card):
+        out += _wrap(what, f"  {start:>2}-{start + m:<2} min  ", " " * 15)
+    return out
 
 
 # --- the candidate's sheet and the interviewer's rubric -------------------------------------------
 
 def _wrap(text: str, first: str, rest: str) -> list[str]:
-    return textwrap.wrap(" ".join(text.split()), width=100, initial_indent=first, subsequent_indent=rest,
-                         break_on_hyphens=False, break_long_words=False) or [first]
+    from kvkata.board import wrap
+    return wrap(text, first, rest)
 
 
 def sheet(card: manifest.Card) -> list[str]:
     """The questions only, for the candidate: no answers, rubric, derivation or red flags."""
-    out = [f"{card.id}: {card.title} - a {MINUTES}-minute mock interview", "",
-           "Questions (answer aloud; numbers with their units; say what you assume):"]
+    out = _wrap(f"{card.id}: {card.title} - a {MINUTES}-minute mock interview", "", "  ")
+    out += ["", "Questions (answer aloud; numbers with their units; say what you assume):"]
     for q in questions(card):
         out += _wrap(q.text, f"  {q.number}. ", "     ")
     out += ["", "At the keyboard (the stubs in katas/, the tests in the same folder):"]
     for name in keyboard_katas(card):
         kata = next(k for k in card.katas if k.name == name)
-        out.append(f"  {kata.name}  ({kata.where()})   pytest -k {kata.name}")
+        out += [f"  {kata.name}   pytest -k {kata.name}", f"      in {kata.where()}"]
     out += ["", "Then follow-up questions that build on your answers."]
     return out
 
@@ -126,7 +128,7 @@ def rubric_lines(q: Question) -> list[str]:
     for level in RUBRIC:
         out += _wrap(q.rubric[level], f"      {level + ':':<9} ", "                ")
     if q.katas:
-        out.append(f"      katas:    {', '.join(q.katas)}")
+        out += _wrap(", ".join(q.katas), "      katas:    ", " " * 16)
     return out
 
 
@@ -286,18 +288,21 @@ def live(card: manifest.Card, root: Path = ROOT) -> int:
     notes = card.notes()
     failures, outcome, passing = blame(card, data, root)
     todo = [t for t, o in outcome.items() if o == "todo"]
-    print(f"{card.id}: {card.title}: {len(passing)} tests pass, {len(failures)} fail, {len(todo)} not attempted")
+    print("\n".join(_wrap(f"{card.id}: {card.title}: {len(passing)} tests pass, {len(failures)} fail, "
+                          f"{len(todo)} not attempted", "", "  ")))
     blamed = list(dict.fromkeys(f.blame for f in failures))
     if failures:
         print("\nProbe these (each failing test, what it checks, and what the candidate's code gave):")
         for k in blamed:
             kata = next(x for x in card.katas if x.name == k)
             mine = [f for f in failures if f.blame == k]
-            print(f"{k}'s code is wrong ({kata.where()}): {len(mine)} failing test{'s' * (len(mine) != 1)}")
+            print("\n".join(_wrap(f"{k}'s code is wrong ({kata.where()}): {len(mine)} failing "
+                                  f"test{'s' * (len(mine) != 1)}", "", "  ")))
             for f in mine:
-                print(f"  {f.test}\n      probes: {notes['probes'].get(f.test, '(no probe recorded)')}")
+                print(f"  {f.test}")
+                print("\n".join(_wrap(notes["probes"].get(f.test, "(no probe recorded)"), "      probes: ", " " * 14)))
                 if f.why:
-                    print(f"      blamed on {f.blame}: {f.why}")
+                    print("\n".join(_wrap(f"blamed on {f.blame}: {f.why}", "      ", "        ")))
                 print("\n".join(_message_lines(f.message)))
         flags = pointed_red_flags(card, failures)
         print(f"\nRed flags to listen for: the {len(flags)} of {len(notes['red_flags'])} these failures point to")
@@ -306,7 +311,7 @@ def live(card: manifest.Card, root: Path = ROOT) -> int:
     if todo:
         print("\nNot attempted (ask the question instead):")
         for t in todo:
-            print(f"  {t}: {notes['probes'].get(t, '')}")
+            print("\n".join(_wrap(f"{t}: {notes['probes'].get(t, '')}", "  ", "      ")))
     todo_katas = list(dict.fromkeys(data["tests"][n]["kata"] for n in data["tests"]
                                     if n.split("::")[-1].split("[")[0] in todo))
     asked = next_questions(card, blamed) if blamed else next_questions(card, todo_katas)
@@ -314,11 +319,11 @@ def live(card: manifest.Card, root: Path = ROOT) -> int:
                                 " (on the katas not attempted):" if asked else " (every test passes: the follow-ups):"))
     for q in asked:
         print("\n".join(_wrap(q.text, f"  {q.number}. ", "     ")))
-        print(f"      expect: {q.expect}")
+        print("\n".join(_wrap(q.expect, "      expect: ", " " * 14)))
     kinds = ("numerical",) if failures else ("architectural", "distributed")
     for f in notes["follow_ups"]:
         if f["kind"] in kinds:
             print("\n".join(_wrap(f["question"], f"  [{f['kind']}] ", "     ")))
             if not failures:
-                print(f"      expect: {f['expect']}")
+                print("\n".join(_wrap(f["expect"], "      expect: ", " " * 14)))
     return 0 if not failures and not todo else 1

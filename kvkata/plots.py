@@ -110,7 +110,7 @@ def plot_all(out: Path, spoilers: bool = False) -> list[Path]:
     from kvref.hardware import H100_SXM
 
     out.mkdir(parents=True, exist_ok=True)
-    written = [_save(kv_bytes_figure(), out / "kv_bytes_vs_context.png")]
+    written = [_save(kv_bytes_figure(), out / FIGURES[0])]
 
     # 2. the roofline with prefill and decode steps
     cfg, hw, dtype = preset("llama-2-7b"), H100_SXM, torch.bfloat16
@@ -129,7 +129,7 @@ def plot_all(out: Path, spoilers: bool = False) -> list[Path]:
     ax.set(xscale="log", yscale="log", xlabel="arithmetic intensity (FLOP per byte)", ylabel="attainable TFLOP/s",
            title=f"Llama-2-7B steps on the {hw.name} roofline (bf16)")
     ax.legend(fontsize=8)
-    written.append(_save(fig, out / "roofline.png"))
+    written.append(_save(fig, out / FIGURES[1]))
 
     # 3. cached against uncached cost of one more token
     lengths = [2 ** i for i in range(4, 16)]
@@ -140,7 +140,7 @@ def plot_all(out: Path, spoilers: bool = False) -> list[Path]:
     ax.set(xscale="log", yscale="log", xlabel="tokens so far", ylabel="roofline time of the next token (ms)",
            title=f"Llama-2-7B, {hw.name}, bf16, batch 1: cached against uncached")
     ax.legend()
-    written.append(_save(fig, out / "cached_vs_uncached_roofline.png"))
+    written.append(_save(fig, out / FIGURES[2]))
 
     # 4. what the cards' benchmarks recorded, less what would give a kata's answer away
     copied, left_out = copy_bench_figures(out, spoilers)
@@ -148,6 +148,15 @@ def plot_all(out: Path, spoilers: bool = False) -> list[Path]:
         notes = "; ".join(f"bench_{name} (it gives away {SPOILERS[name]})" for name in left_out)
         print(f"kvkata plot: left out {notes}. `kvkata plot --spoilers` copies them.", file=sys.stderr)
     return written + copied
+
+
+FIGURES = ("kv_bytes_vs_context.png", "roofline.png", "cached_vs_uncached_roofline.png")  # drawn here
+
+
+def names(spoilers: bool = False) -> list[str]:
+    """The files plot_all writes: the figures drawn here, then the bench figures it copies."""
+    bench = sorted(png.name for png in (ROOT / "bench" / "results").glob("*.png"))
+    return list(FIGURES) + [f"bench_{name}" for name in bench if spoilers or name not in SPOILERS]
 
 
 def copy_bench_figures(out: Path, spoilers: bool = False) -> tuple[list[Path], list[str]]:

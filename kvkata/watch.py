@@ -70,6 +70,8 @@ class Stream:
                 detail = syntax_error_detail(kata)
                 if detail:
                     self._write(detail)
+        elif str(report.longrepr).startswith("NOT RUN "):  # the plugin's word for a test after a hang
+            self._write(f"  not run  {_test_name(report.nodeid)}")  # the TIMEOUT message above says why
         elif self.first_failure is None:
             self.first_failure = report.nodeid
             self._write(f"  FAIL  {_test_name(report.nodeid)}\n\n{report.longrepr}\n")
@@ -167,8 +169,8 @@ class Watcher:
                 elif nxt is None:
                     _say("kvkata watch: every kata is solved. A save still reruns the kata you change.")
                 return solved
-            _say(f"\nkvkata watch: {', '.join(k.name for k in katas)} solved; "
-                 f"moving on to {nxt.card} {nxt.name} ({nxt.where()})\n")
+            _say("\n" + "\n".join(board.wrap(f"kvkata watch: {_names(katas)} solved.", "", "  ")))
+            _say(f"kvkata watch: moving on to {nxt.card} {nxt.name}\n  in {nxt.where()}\n")
             katas, why, clear = [nxt], "next kata", False
             self.current = nxt
 
@@ -176,15 +178,15 @@ class Watcher:
         """One run of `katas`, its messages streamed and summed up: (all of them solved, the run's state)."""
         if clear and self.clear:
             sys.stdout.write(CLEAR)
-        names = ", ".join(f"{k.card} {k.name}" for k in katas)
-        _say(f"kvkata watch: {why}; running {names} ...")
+        _say("\n".join(board.wrap(f"kvkata watch: {why}; running {_names(katas)} ...", "", "  ")))
         started = time.monotonic()
         for card in {k.card: manifest.card(k.card) for k in katas}.values():
             if card.id not in self.loaded:
                 _say(f"  (loading {card.id}'s test modules once)")
                 _preload_card(card, self.loaded)
+        ran = progress.stub_hashes(katas)  # before the run: a save while it runs is a change still to run
         result = _run(katas, self.fd)
-        self.seen.update(progress.stub_hashes(katas))
+        self.seen.update(ran)
         elapsed = time.monotonic() - started
         if result.data is None or not result.data["tests"]:
             why_not = "did not finish" if result.data is None else "selected no test"
@@ -209,18 +211,36 @@ class Watcher:
         from watchfiles import watch as watch_files  # imported here: the other commands do not need it
 
         folder = ROOT / "katas"
-        _say(f"\nkvkata watch: waiting for a save under {folder} (Ctrl-C stops)")
-        for changes in watch_files(folder, watch_filter=lambda change, path: path.endswith((".py", ".toml"))):
-            paths = {p for _, p in changes}
-            names = ", ".join(sorted({Path(p).name for p in paths}))
-            katas = self.changed(paths) or [self.current]
+        _say("\nkvkata watch: waiting for a save under katas/ (Ctrl-C stops)")
+        # The file watcher starts only now: a save made before (while watch loaded or ran) is found by
+        # its hash on the watcher's first quiet second. Saves made during a run are queued by the watcher.
+        started = False
+        for changes in watch_files(folder, watch_filter=lambda change, path: path.endswith((".py", ".toml")),
+                                   yield_on_timeout=True, rust_timeout=1000):
+            if not changes:
+                if started:
+                    continue
+                started, katas = True, self.unseen()
+                if not katas:
+                    continue
+                names = ", ".join(sorted({f"{k.module}.py" for k in katas}))
+            else:
+                started = True
+                paths = {p for _, p in changes}
+                names = ", ".join(sorted({Path(p).name for p in paths}))
+                katas = self.changed(paths) or [self.current]
             self.current = katas[0]
             self.cycle(katas, f"{names} saved")
-            _say(f"\nkvkata watch: waiting for a save under {folder} (Ctrl-C stops)")
+            _say("\nkvkata watch: waiting for a save under katas/ (Ctrl-C stops)")
 
     def _next(self, after: list[manifest.Kata], status: dict[str, str]) -> manifest.Kata | None:
         card = manifest.card(after[-1].card)
         return progress.first_unsolved(card, status) or progress.first_unsolved(None, status)
+
+    def unseen(self) -> list[manifest.Kata]:
+        """The katas whose stub differs from what watch last ran or saw (saved before the watcher started)."""
+        now = progress.stub_hashes()
+        return [k for k in manifest.all_katas() if now[progress.key(k)] != self.seen.get(progress.key(k))]
 
     def changed(self, paths: set[str]) -> list[manifest.Kata]:
         """The katas whose stub changed since they last ran here, among the modules saved."""
@@ -228,6 +248,14 @@ class Watcher:
         katas = [k for k in manifest.all_katas() if k.path().resolve() in saved]
         now = progress.stub_hashes(katas)
         return [k for k in katas if now[progress.key(k)] != self.seen.get(progress.key(k))]
+
+
+def _names(katas: list[manifest.Kata]) -> str:
+    """card00 repeat_kv; several katas of a card: card00: repeat_kv, attend."""
+    by_card: dict[str, list[str]] = {}
+    for k in katas:
+        by_card.setdefault(k.card, []).append(k.name)
+    return "; ".join(f"{c} {n[0]}" if len(n) == 1 else f"{c}: {', '.join(n)}" for c, n in by_card.items())
 
 
 def _summary(s: board.KataStatus) -> str:
@@ -243,15 +271,16 @@ def watch(card_id: str | None = None, once: bool = False) -> int:
     status = progress.statuses()
     kata = progress.first_unsolved(start, status)
     if kata is None and start is None:
-        _say("kvkata watch: every kata is solved (kvkata status shows the board). "
-             "Give a card to keep watching one: kvkata watch card00")
+        _say("\n".join(board.wrap("kvkata watch: every kata is solved (kvkata status shows the board). "
+                                  "Give a card to keep watching one: kvkata watch card00", "", "  ")))
         return 0
     katas = [kata] if kata is not None else list(start.katas)  # a solved card: rerun all of it
-    _say(f"kvkata watch: starting with {katas[0].card} {katas[0].name} ({katas[0].where()}). Loading torch, "
-         "hypothesis and kvref once (a few seconds); after that a save reruns your kata without reloading them.")
+    _say(f"kvkata watch: starting with {katas[0].card} {katas[0].name}\n  in {katas[0].where()}")
+    _say("\n".join(board.wrap("Loading torch, hypothesis and kvref once (a few seconds); after that a save reruns "
+                              "your kata without reloading them.", "  ", "  ")))
     try:
+        watcher = Watcher(katas[0], clear=sys.stdout.isatty() and not once)  # the stubs as they are now
         runner.preload()
-        watcher = Watcher(katas[0], clear=sys.stdout.isatty() and not once)
         ok = watcher.cycle(katas, "starting", clear=False)
         if once:
             return 0 if ok else 1

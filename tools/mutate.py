@@ -93,15 +93,21 @@ def killed_in_fork(work: Path, args: list[str], env: dict, timeout: int) -> bool
     return result.returncode != 0
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("card")
     parser.add_argument("--timeout", type=int, default=120)
     parser.add_argument("--list", action="store_true", help="list the mutants without running them")
     parser.add_argument("--fresh", action="store_true", help="a new interpreter per mutant instead of a fork")
     parser.add_argument("--module", help="mutate only this solution module of the card (e.g. kernel)")
-    args = parser.parse_args()
-    card = manifest.card(args.card)
+    args = parser.parse_args(argv)
+    try:
+        card = manifest.card(args.card)
+    except KeyError as e:
+        parser.error(e.args[0])
+    modules = sorted({k.module for k in card.katas})
+    if args.module is not None and args.module not in modules:
+        parser.error(f"{card.id} has no solution module {args.module!r}; its modules: {', '.join(modules)}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / "project"
         shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "bench", "*.egg-info", ".hypothesis"))
@@ -144,4 +150,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip the interpreter's teardown: triton's bindings (preloaded for the forks) print hundreds of
+    # lines of "nanobind: leaked ..." at exit, burying the report. The scratch copy is already removed.
+    os._exit(code)

@@ -7,6 +7,7 @@ docstring's topic; paste the rows into README.md's table when a card's answers c
 (checks/test_kata_contract.py compares the README with cards.toml).
 """
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -15,4 +16,5 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kvkata.manifest import reading_table  # noqa: E402
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     print(reading_table())
