@@ -162,7 +162,7 @@ def test_learner_run_ends_on_one_todo_line_per_kata_and_the_board(learner_run):
             mine = [ln for ln in todo_lines if ln.startswith(f"TODO {card.id} {kata.name}: ")]
             assert len(mine) == 1, f"{card.id} {kata.name}: {len(mine)} TODO lines, want exactly one per kata"
             assert re.fullmatch(rf"TODO {card.id} {kata.name}: edit katas/{card.dir}/\w+\.py::\S+  "
-                                rf"\(stuck\? kvkata hint {card.id}\)", mine[0]), mine[0]
+                                rf"\(stuck\? kvkata hint {kata.name}\)", mine[0]), mine[0]
     assert len(todo_lines) == sum(len(c.katas) for c in CARDS)
     tail = learner_run.output[learner_run.output.index("TODO card00"):]
     assert "kvkata progress" in tail and "next: fill in" in tail, "the board comes after the TODO lines"

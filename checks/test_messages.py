@@ -139,3 +139,28 @@ def test_no_kata_test_names_a_config_by_a_hand_written_string():
     """call_str shows a config or a preset by its fields; a string in its place hides them (or drifts from them)."""
     found = [hit for path in sorted((ROOT / "katas").glob("card*/test_*.py")) for hit in _hand_written_configs(path)]
     assert found == [], "pass the ModelConfig (or preset(name)) to call_str instead:\n" + "\n".join(found)
+
+
+def test_hypothesis_aside_about_other_failing_examples_reaches_the_learner_in_their_words():
+    from hypothesis import example, given, settings
+    from hypothesis import strategies as st
+
+    from kvkata import plugin
+
+    @settings(database=None)
+    @given(x=st.just(0))
+    @example(x=1)
+    @example(x=2)
+    @example(x=3)
+    def wrong(x):
+        expect_equal(CALL, 0, 1, "one")
+
+    with pytest.raises(BaseException) as e:
+        wrong()
+    failure = e.value.exceptions[0] if isinstance(e.value, BaseExceptionGroup) else e.value
+    raw = getattr(failure, "__notes__", [])
+    assert any("Verbosity.verbose" in n for n in raw), raw  # hypothesis still says it this way
+    notes = plugin._learner_notes(failure)
+    assert "(2 other pinned inputs of this test fail the same way)" in notes, notes
+    assert not any("Verbosity" in n for n in notes), notes
+    assert notes[0].startswith("Failing explicit example: wrong("), notes  # the failing input first, then the count

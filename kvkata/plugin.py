@@ -253,15 +253,33 @@ def _short_report(item, kata, excinfo, leaf: BaseException) -> str:
     if tests:
         lines.append("called from the test:")
         lines.append(_frame_line(tests[-1]))
-    lines += [n for n in getattr(leaf, "__notes__", [])]
+    lines += _learner_notes(leaf)
     lines.append(_kata_label(item, kata))
     return "\n".join(lines)
+
+
+_OTHER_EXAMPLES = re.compile(r"\(note: (\d+) other explicit examples? also failed with this error; .*\)")
+
+
+def _learner_notes(exc: BaseException) -> list[str]:
+    """An exception's notes (hypothesis's falsifying example among them) in a learner's words: hypothesis's
+    aside about other failing explicit examples points at a setting the learner does not have."""
+    notes, asides = [], []
+    for note in getattr(exc, "__notes__", []):
+        other = _OTHER_EXAMPLES.fullmatch(note.strip())
+        if other:
+            n = int(other.group(1))
+            asides.append(f"({n} other pinned input{'s' if n > 1 else ''} of this test fail{'' if n > 1 else 's'} "
+                          "the same way)")
+        else:
+            notes.append(note)
+    return notes + asides  # the failing input first, then how many others fail with it
 
 
 def _todo_line(kata: manifest.Kata | None, where: str) -> str:
     card = kata.card if kata else "?"
     name = kata.name if kata else "?"
-    return f"TODO {card} {name}: edit {where}  (stuck? kvkata hint {card})"
+    return f"TODO {card} {name}: edit {where}  (stuck? kvkata hint {name})"
 
 
 @pytest.hookimpl(wrapper=True)
@@ -300,7 +318,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         report.longrepr = "\n".join([f"REFUSED {refusal}"] + [_frame_line(e) for e in code] + [_kata_label(item, kata)])
     elif any(isinstance(e, Mismatch) for e in leaves):
         lines = [str(e) for e in leaves if isinstance(e, Mismatch)]
-        notes = [n for e in leaves for n in getattr(e, "__notes__", [])]
+        notes = [n for e in leaves for n in _learner_notes(e)]
         report.longrepr = "\n".join(lines + notes + [_kata_label(item, kata)])
     else:
         report.longrepr = _short_report(item, kata, excinfo, leaves[0])
