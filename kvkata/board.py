@@ -6,10 +6,10 @@ stub changed since), with what the run just finished adds; it never runs anythin
 
 from __future__ import annotations
 
-import textwrap
 from dataclasses import dataclass, field
 
 from kvkata import manifest, progress
+from kvkata.text import COLUMNS, wrap  # noqa: F401 (board.wrap: the CLI wraps with it)
 
 
 @dataclass
@@ -94,7 +94,6 @@ MARKS = {"solved": "#", "failing": "x", "todo": "-", "not run": ".", "stale": "~
 LEGEND = ["marks: # solved   x failing   - still the stub   . not run yet",
           "       ~ stale: edited since its last run"]
 BAR = 39  # the overall bar's width, in characters
-COLUMNS = 80  # every line a command prints fits a terminal this wide (prose is wrapped to it)
 
 
 def _width() -> int:
@@ -157,12 +156,6 @@ def _this_run(state: RunState) -> list[str]:
                               f"and passed; solved once all of them pass in one run (pytest -k {s.kata.name})",
                               "  ", "    ")
     return lines
-
-
-def wrap(text: str, first: str = "", rest: str = "", width: int = COLUMNS) -> list[str]:
-    """Prose wrapped to `width` columns (words never split: a long path stays whole)."""
-    return textwrap.wrap(" ".join(text.split()), width=width, initial_indent=first, subsequent_indent=rest,
-                         break_on_hyphens=False, break_long_words=False) or [first.rstrip()]
 
 
 def _next_lines(state: RunState | None, status: dict[str, str]) -> list[str]:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from kvkata import manifest, runner
 from kvkata.paths import ROOT
+from kvkata.text import wrap
 
 MINUTES = 45
 RUBRIC = ("strong", "adequate", "weak")
@@ -105,7 +106,6 @@ def agenda_lines(card: manifest.Card) -> list[str]:
 # --- the candidate's sheet and the interviewer's rubric -------------------------------------------
 
 def _wrap(text: str, first: str, rest: str) -> list[str]:
-    from kvkata.board import wrap
     return wrap(text, first, rest)
 
 
