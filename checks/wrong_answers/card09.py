@@ -139,4 +139,12 @@ WRONG = [
           "return out.to(outs.dtype), lse",
           "return out.to(outs.dtype)",
           MERGE + ("test_merge_split_partials_of_bf16_outputs_returns_bf16",)),
+    Wrong('merge-pairwise-nan-when-two-empty',
+          "    lse = torch.logsumexp(lses.float(), dim=0)  # (B, H): log Σ_i exp(lse_i), max subtracted inside\n    weights = torch.exp(lses.float() - lse)  # (N, B, H): split i's share of the whole softmax; 0 when empty\n    out = (weights[..., None] * outs.float()).sum(dim=0)  # (B, H, D)\n    return out.to(outs.dtype), lse",
+          '    out, lse = outs[0].float(), lses[0].float()\n    for o_i, l_i in zip(outs[1:].float(), lses[1:].float()):\n        new = torch.logaddexp(lse, l_i)  # (B, H)\n        out, lse = torch.exp(lse - new)[..., None] * out + torch.exp(l_i - new)[..., None] * o_i, new\n    return out.to(outs.dtype), lse',
+          ('test_merge_split_partials_equals_sdpa_over_every_key',)),
+    Wrong('ridge-per-query-of-one-kv-head',
+          'per_query = 2 * (cfg.n_heads // cfg.n_kv_heads) / dtype.itemsize',
+          'per_query = 2 / dtype.itemsize * (cfg.n_heads // cfg.n_kv_heads) ** 0',
+          ('test_queries_to_reach_ridge_is_the_first_count_whose_measured_intensity_reaches_it',)),
 ]

@@ -40,7 +40,7 @@ def reservation_waste_bound(max_seq_len: int, short_fraction: float, short_max: 
     `max_seq_len` slots. The assumption about the length distribution is made explicit here:
     assume nothing beyond those two facts, and return the waste of the trace, among all traces
     that satisfy them, that wastes the least (so every real trace with these facts wastes at
-    least this much). Which lengths does that trace have?
+    least this much), as a float. Which lengths does that trace have?
 
     The interview case: max_seq_len = 8,192 with 90% of requests at most 512 tokens. Any number
     above this floor needs an assumed distribution (uniform lengths, say), and depends on it.

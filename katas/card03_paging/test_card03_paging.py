@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import kvkata
 from kvkata.check import Mismatch, Shown, call_str, expect, expect_equal, expect_real, plural
-from kvref.config import PRESETS, preset
+from kvref.config import PRESETS, ModelConfig, preset
 from kvref.paging import BlockAllocator, OutOfBlocks, block_nbytes_measured, paged_waste_measured, static_waste_measured
 
 impl = kvkata.load("card03_paging.paging")
@@ -28,6 +28,12 @@ BLOCK_SIZES = st.sampled_from([1, 2, 3, 8, 16, 32])
 # A trace in the spirit of PagedAttention's: lengths log-uniform from 16 to 2,048 tokens
 # (deterministic quantiles), reserved at 2,048 each. Its mean length is about 2,032 / ln(128) = 419.
 TRACE = [round(16 * 128 ** ((i + 0.5) / 200)) for i in range(200)]
+
+
+# Gemma-7B's attention shape (its config.json: hidden_size 3072, 16 heads and 16 KV heads of head_dim 256,
+# 28 layers): each head is wider than d_model / n_heads = 192, so a slot's bytes need the config's head_dim.
+WIDE_HEADS = ModelConfig(vocab_size=256, n_layers=28, d_model=3072, n_heads=16, n_kv_heads=16, head_dim=256, d_ff=64,
+                         name="gemma-7b-shaped")
 
 
 def lengths_up_to(max_len: int, max_size: int = 12):
@@ -97,6 +103,7 @@ def test_reservation_waste_bound_is_never_above_a_trace_that_matches_the_facts(m
 @example(n_tokens=64, block_size=16)
 @example(n_tokens=65, block_size=16)
 @example(n_tokens=0, block_size=16)
+@example(n_tokens=48, block_size=16)  # 3 full blocks: an odd quotient, where rounding n / B + 0.5 half-to-even gives 4
 def test_blocks_for_tokens_are_the_blocks_kvrefs_allocator_holds(n_tokens, block_size):
     alloc = BlockAllocator(n_tokens + 1, block_size)
     if n_tokens:
@@ -351,12 +358,13 @@ def measured_waste_bytes(lengths, block_size, per_block) -> int:
        dtype=st.sampled_from([torch.bfloat16, torch.float32, torch.float8_e4m3fn]))
 @example(name="llama-2-70b", lengths=[70], block_size=16, dtype=torch.bfloat16)
 @example(name="llama-2-7b", lengths=[1, 4096], block_size=16, dtype=torch.bfloat16)
+@example(name=WIDE_HEADS, lengths=[70], block_size=16, dtype=torch.float32)  # D = 256, d_model / H = 192
 def test_paged_waste_bytes_are_the_empty_slots_of_kvrefs_blocks_in_every_layer(name, lengths, block_size, dtype):
-    cfg = preset(name)
+    cfg = preset(name) if isinstance(name, str) else name
     got = impl.paged_waste_bytes(cfg, lengths, block_size, dtype)
     per_block = block_nbytes_measured(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, block_size, dtype)
     measured = measured_waste_bytes(lengths, block_size, per_block)
-    expect_equal(call_str("paged_waste_bytes", preset(name), lengths, block_size, dtype), got, measured,
+    expect_equal(call_str("paged_waste_bytes", cfg, lengths, block_size, dtype), got, measured,
                  f"the empty slots of the blocks kvref's allocator holds, times {per_block // block_size:,} bytes a slot: "
                  f".nbytes of one block's K and V pools over {plural(cfg.n_layers, 'layer')}, "
                  f"{plural(cfg.n_kv_heads, 'KV head')} of {cfg.head_dim}, on the meta device, over {block_size} slots")

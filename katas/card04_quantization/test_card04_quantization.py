@@ -188,6 +188,7 @@ def test_kv_tokens_in_budget_of_two_7b_models_and_of_two_1t_models():
 @example(x=outlier_channel_keys((1, 2, 8, 8), 2, 10.0), bits=4, axis="channel", asymmetric=True)
 @example(x=outlier_channel_keys((1, 2, 8, 8), 2, 10.0), bits=4, axis="token", asymmetric=False)
 @example(x=kv_tensor((1, 2, 1, 4)), bits=4, axis="channel", asymmetric=True)  # one token: every group constant, scale 0
+@example(x=kv_tensor((2, 1, 3, 4)), bits=2, axis="channel", asymmetric=True)  # batch 2: each sequence has its own groups
 def test_kv_quantize_gives_kvrefs_scales_and_codes_within_half_a_step(x, bits, axis, asymmetric):
     call = call_str("kv_quantize", x, bits, axis, asymmetric)
     got = impl.kv_quantize(x, bits, axis, asymmetric)

@@ -280,6 +280,13 @@ def test_heavy_hitter_keep_worked_example_with_a_wrapped_table():
     expect_equal(call, impl.heavy_hitter_keep(acc, slot_pos, 4, 2), [0, 1, 2, 4],
                  "keep slots 0 and 2 (positions 9, 8: the recent window, though they collected little attention) "
                  "and slots 1 and 4 (accumulated 3.0 and 2.0); slot 3 (0.5) goes, slot 5 is empty")
+    # The newest slot has also collected the most attention: it is kept once, as recent, and the
+    # budget - recent other places still go to the older slots.
+    acc = [5.0, 3.0, 0.2, 0.5, 2.0, 0.0]
+    call = call_str("heavy_hitter_keep", acc, slot_pos, 4, 2)
+    expect_equal(call, impl.heavy_hitter_keep(acc, slot_pos, 4, 2), [0, 1, 2, 4],
+                 "keep slots 0 and 2 (positions 9, 8: the recent window) and the 2 older slots with the most "
+                 "attention, slots 1 and 4 (3.0 and 2.0): slot 0's 5.0 does not count against the other places")
 
 
 @pytest.mark.kata("heavy_hitter_keep")
@@ -291,6 +298,12 @@ def test_heavy_hitter_keep_breaks_a_tie_towards_the_later_position():
     call = call_str("heavy_hitter_keep", acc, slot_pos, 3, 1)
     expect_equal(call, impl.heavy_hitter_keep(acc, slot_pos, 3, 1), [1, 2, 4],
                  "slot 4 (position 9, the recent window) and, of slots 0, 1, 2 tied at 1.0, the two holding the later "
+                 "positions: slot 1 (position 7) and slot 2 (position 5); slot 0 (position 3) goes")
+    # Only the three tied slots are older than the recent one: a top-k that breaks ties by index keeps the earliest.
+    slot_pos, acc = [3, 7, 5, 9], [1.0, 1.0, 1.0, 0.1]
+    call = call_str("heavy_hitter_keep", acc, slot_pos, 3, 1)
+    expect_equal(call, impl.heavy_hitter_keep(acc, slot_pos, 3, 1), [1, 2, 3],
+                 "slot 3 (position 9, the recent window) and, of slots 0, 1, 2 tied at 1.0, the two holding the later "
                  "positions: slot 1 (position 7) and slot 2 (position 5); slot 0 (position 3) goes")
 
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import kvkata
 from kvkata.check import Shown, call_str, expect, expect_equal, expect_real, plural
-from kvref.config import PRESETS, preset
+from kvref.config import PRESETS, ModelConfig, preset
 from kvref.measure import kv_cache_bytes_measured
 from kvref.offload import compute_stall_seconds, simulate_offload, step_seconds
 from kvref.paging import BlockAllocator, block_nbytes_measured
@@ -23,6 +23,10 @@ impl = kvkata.load("card13_prefix_sharing.sharing")
 
 REAL = [name for name, cfg in PRESETS.items() if not cfg.is_mla]
 BLOCK_SIZES = st.sampled_from([1, 2, 3, 4, 16])
+# Gemma-7B's attention shape (its config.json: hidden_size 3072, 16 heads and 16 KV heads of head_dim 256,
+# 28 layers): each head is wider than d_model / n_heads = 192, so bytes need the config's head_dim.
+WIDE_HEADS = ModelConfig(vocab_size=256, n_layers=28, d_model=3072, n_heads=16, n_kv_heads=16, head_dim=256, d_ff=64,
+                         name="gemma-7b-shaped")
 SMALL_VOCAB = st.lists(st.integers(0, 2), min_size=0, max_size=16)  # prefixes and repeated blocks are common
 
 
@@ -49,6 +53,7 @@ def hits_in_kvref(first: list[int], second: list[int], block_size: int) -> int:
 @example(a=[1, 2, 3, 4], b=[2, 1, 3, 4], block_size=2)  # the same tokens in another order: a sum of ids collides
 @example(a=[1, 12, 5, 5], b=[11, 2, 5, 5], block_size=2)  # ids joined without a separator collide: "112"
 @example(a=[128000, 5, 7, 7], b=[0, 5, 7, 7], block_size=2)  # real vocabularies pass 255: bytes(ids) fails, ids % 256 collide
+@example(a=[112, 3, 7, 7], b=[11, 203, 7, 7], block_size=2)  # ids zero-padded to 2 digits and joined collide: "11203"
 def test_prefix_block_keys_match_exactly_where_the_whole_prefix_matches(a, b, block_size):
     ka, kb = impl.prefix_block_keys(a, block_size), impl.prefix_block_keys(b, block_size)
     for toks, keys in ((a, ka), (b, kb)):
@@ -89,14 +94,15 @@ def blocks_held(n_requests: int, prompt_len: int, block_size: int, prefix_cachin
 @example(name="llama-2-70b", n_requests=100, prompt_len=1000, block_size=16, dtype=torch.bfloat16)
 @example(name="llama-3-8b", n_requests=8, prompt_len=64, block_size=16, dtype=torch.bfloat16)
 @example(name="llama-3-8b", n_requests=3, prompt_len=40, block_size=16, dtype=torch.float32)  # 4 bytes an element
+@example(name=WIDE_HEADS, n_requests=3, prompt_len=40, block_size=16, dtype=torch.bfloat16)  # D = 256, d_model / H = 192
 def test_prefix_sharing_saved_bytes_are_the_blocks_kvrefs_prefix_cache_holds_once(name, n_requests, prompt_len,
                                                                                   block_size, dtype):
-    cfg = preset(name)
+    cfg = preset(name) if isinstance(name, str) else name
     got = impl.prefix_sharing_saved_bytes(cfg, n_requests, prompt_len, block_size, dtype)
     without = blocks_held(n_requests, prompt_len, block_size, False)
     with_cache = blocks_held(n_requests, prompt_len, block_size, True)
     per_block = block_nbytes_measured(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, block_size, dtype)
-    expect_equal(call_str("prefix_sharing_saved_bytes", preset(name), n_requests, prompt_len, block_size,
+    expect_equal(call_str("prefix_sharing_saved_bytes", cfg, n_requests, prompt_len, block_size,
                           dtype), got, (without - with_cache) * per_block,
                  f"kvref's allocator held {without:,} blocks without prefix caching and {with_cache:,} with it, for "
                  f"{plural(n_requests, 'request')} = the prompt + a token of their own; one block is {per_block:,} bytes "
@@ -161,11 +167,12 @@ def test_prompt_block_refcounts_are_kvrefs_after_copy_on_write(prompt_len, n_sam
 @example(name="llama-2-7b", batch=1, seq_len=4096, dtype=torch.bfloat16, link=64e9)
 @example(name="llama-2-70b", batch=8, seq_len=32768, dtype=torch.bfloat16, link=64e9)
 @example(name="llama-3-8b", batch=2, seq_len=1000, dtype=torch.float32, link=25e9)  # 4 bytes an element
+@example(name=WIDE_HEADS, batch=1, seq_len=4096, dtype=torch.bfloat16, link=64e9)  # D = 256, d_model / H = 192
 def test_layer_transfer_seconds_move_the_nbytes_of_one_layers_cache(name, batch, seq_len, dtype, link):
-    cfg = preset(name)
+    cfg = preset(name) if isinstance(name, str) else name
     got = impl.layer_transfer_seconds(cfg, batch, seq_len, dtype, link)
     nbytes = kv_cache_bytes_measured(cfg.with_(n_layers=1), batch, seq_len, dtype)
-    expect_real(call_str("layer_transfer_seconds", preset(name), batch, seq_len, dtype, link), got,
+    expect_real(call_str("layer_transfer_seconds", cfg, batch, seq_len, dtype, link), got,
                 nbytes / link, rel=1e-9, why=f"{nbytes:,} bytes, .nbytes of one layer's K and V cache on the meta "
                 f"device, over {link:.3g} B/s; the whole model holds {cfg.n_layers} such layers")
 

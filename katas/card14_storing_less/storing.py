@@ -64,9 +64,10 @@ def low_rank_key_error(singular_values: list[float], rank: int) -> float:
 
     `singular_values` are K's singular values in descending order, as Python floats (what
     torch.linalg.svdvals returns); K_r keeps the `rank` largest singular triplets and drops the
-    rest (rank 0 keeps nothing; a rank at or past the count keeps everything). Which singular
-    values does the error come from, those kept or those dropped? Is ‖·‖_F a sum of them, of
-    their squares, or the root of that? (Keys with singular values 4 and 3: the rank-0 error is?)
+    rest (rank 0 keeps nothing; a rank at or past the count keeps everything). Return a Python
+    float. Which singular values does the error come from, those kept or those dropped? Is ‖·‖_F
+    a sum of them, of their squares, or the root of that? (Keys with singular values 4 and 3: the
+    rank-0 error is?)
 
     Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) is refused.
     """
