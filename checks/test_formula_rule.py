@@ -260,6 +260,30 @@ def test_arithmetic_on_tensors_made_from_the_arguments_is_allowed():
     assert formula.guarded(kata("kv_cache_bytes"), arithmetic)(*args) == solution("kv_cache_bytes")(*args)
 
 
+def paged_waste_bytes_by_element_size(cfg, lengths, block_size, dtype):
+    unused = sum(-n % block_size for n in lengths)
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * unused * torch.empty(0, dtype=dtype).element_size()
+
+
+def paged_waste_bytes_by_a_scalar(cfg, lengths, block_size, dtype):
+    per_slot = torch.zeros((), dtype=dtype).nbytes * torch.ones(1, dtype=dtype).element_size() // dtype.itemsize
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * sum(-n % block_size for n in lengths) * per_slot
+
+
+@pytest.mark.parametrize("alternative", [paged_waste_bytes_by_element_size, paged_waste_bytes_by_a_scalar])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_an_element_size_read_off_a_tensor_of_at_most_one_element_passes(alternative, dtype):
+    for args in [(SMALL, [1, 16, 17, 70], 16, dtype), (PRESETS["llama-2-70b"], [5], 8, dtype)]:
+        assert formula.guarded(kata("paged_waste_bytes"), alternative)(*args) == solution("paged_waste_bytes")(*args)
+
+
+def test_two_elements_allocated_from_a_shape_are_refused_again():
+    message = refusal("paged_waste_bytes", lambda cfg, lengths, block, dtype: torch.empty(2, dtype=dtype).nbytes // 2
+                      * 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * sum(-n % block for n in lengths),
+                      SMALL, [3], 4, torch.float16)
+    assert "called torch.empty on cpu" in message, message
+
+
 # --- the rule is stated where the learner reads ----------------------------------------------------
 
 def formula_katas():

@@ -13,7 +13,9 @@ runs (on the main thread), the guard refuses what measures the answer:
   TorchDispatchMode), the profiler, torch.cuda's memory statistics;
 - memory allocated from a shape on a real device: torch's empty, zeros, ones, full and rand*
   (with their `_like` and `new_` forms) on any device but "meta", numpy's empty, zeros, ones and
-  full. A tensor made from values (torch.tensor, arange, linspace) is arithmetic and allowed.
+  full. A tensor made from values (torch.tensor, arange, linspace) is arithmetic and allowed, and
+  so is a torch tensor of at most one element (`torch.empty(0, dtype=dtype).element_size()` is the
+  dtype's itemsize: it measures nothing).
 
 It refuses the plausible ways to measure, not every conceivable one.
 """
@@ -21,6 +23,7 @@ It refuses the plausible ways to measure, not every conceivable one.
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import threading
 from pathlib import Path
@@ -80,6 +83,16 @@ def _device(args, kwargs) -> torch.device:
     return torch.get_default_device()
 
 
+def _elements(func, args, kwargs) -> int | None:
+    """How many elements at most the call allocates: 0 or 1 (`torch.empty(0, dtype=d).element_size()`, a
+    dtype's itemsize) measures nothing; None where the same call on the meta device fails."""
+    try:
+        shape = func(*args, **{**kwargs, "device": "meta"}).shape
+    except Exception:  # noqa: BLE001 - an argument error shows when the real call runs
+        return None
+    return 1 if math.prod(shape) <= 1 else math.prod(shape)
+
+
 class _NoRealBuffers(TorchFunctionMode):
     def __init__(self, refuse) -> None:
         super().__init__()
@@ -87,7 +100,7 @@ class _NoRealBuffers(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in TORCH_BUFFERS and (device := _device(args, kwargs)).type != "meta":
+        if func in TORCH_BUFFERS and (device := _device(args, kwargs)).type != "meta" and _elements(func, args, kwargs) != 1:
             name = ("Tensor." if func.__name__.startswith("new_") else "torch.") + func.__name__
             self.refuse(f"called {name} on {device.type}: memory allocated from a shape is measured, not derived "
                         f"(the same shape on device='meta', or dtype.itemsize, allocates nothing)")
