@@ -164,3 +164,11 @@ def test_hypothesis_aside_about_other_failing_examples_reaches_the_learner_in_th
     assert "(2 other pinned inputs of this test fail the same way)" in notes, notes
     assert not any("Verbosity" in n for n in notes), notes
     assert notes[0].startswith("Failing explicit example: wrong("), notes  # the failing input first, then the count
+
+
+def test_a_failing_example_shows_a_drawn_tensor_by_dtype_and_shape_and_a_small_one_by_its_values():
+    from hypothesis.vendor.pretty import pretty  # what hypothesis prints under "Failing test case"
+
+    assert pretty(torch.zeros(2, 3, 9, 12, dtype=torch.float64)) == "<tensor float64[2, 3, 9, 12]>"
+    assert pretty((torch.ones(40), 3)) == "(<tensor float32[40]>, 3)"
+    assert pretty(torch.tensor([[1, 2, 15, 0]], dtype=torch.uint8)) == repr(torch.tensor([[1, 2, 15, 0]], dtype=torch.uint8))

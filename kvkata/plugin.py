@@ -22,9 +22,10 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis.vendor import pretty as hypothesis_pretty
 
 import kvkata
-from kvkata import board, manifest, progress, selection
+from kvkata import board, check, manifest, progress, selection
 from kvkata.check import Mismatch
 from kvkata.formula import FormulaOnly
 
@@ -56,9 +57,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="write each test's outcome (and whether it was a TODO) to PATH as JSON")
 
 
+def _tensor_printer(t, printer, cycle) -> None:
+    """How hypothesis shows a drawn tensor in a failing example: its values up to 8 elements, else its dtype
+    and shape (the values of a [2, 3, 9, 12] draw fill a screen; the failure above names the element)."""
+    printer.text(repr(t) if t.numel() <= 8 else f"<tensor {check.describe(t)}>")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     global _config
     _config = config
+    hypothesis_pretty.for_type_by_name("torch", "Tensor", _tensor_printer)
     chosen = config.getoption("kvkata_mode") or os.environ.get("KVKATA_MODE", "learner")
     try:
         kvkata.set_mode(chosen)

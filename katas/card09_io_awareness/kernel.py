@@ -1,7 +1,8 @@
 """card09: the Triton kata, a flash-decoding kernel that reads the cache once for all G query heads.
 
-Decode attention does about 2G FLOPs per byte of K and V it reads (the first kata of this
-card), so a decode kernel has one job: stream the cache once, at the speed of the memory. This
+Decode attention does a handful of FLOPs per byte of K and V it reads, in proportion to G (the
+first kata of this card counts them), so a decode kernel has one job: stream the cache once, at
+the speed of the memory. This
 kata is the body of such a kernel, in Triton (https://triton-lang.org). `kvref.decode_launch`
 allocates, launches and merges; you write what one program does.
 

@@ -220,9 +220,25 @@ def test_cache_outgrows_state_at_the_first_length_whose_measured_cache_is_bigger
     state = states_nbytes(model_states(cfg, batch, 1, dtype))
     at = kv_cache_bytes_measured(cfg, batch, got, dtype)
     before = kv_cache_bytes_measured(cfg, batch, got - 1, dtype) if got > 1 else 0
-    expect(at > state >= before, call, got,
-           f"the first T whose cache is bigger than the state's {state:,} B (.nbytes, {batch} x {dtype}): "
-           f"the cache (.nbytes) holds {before:,} B at T = {got - 1} and {at:,} B at T = {got}")
+    if not at > state >= before:
+        want = first_length_over(state, lambda t: kv_cache_bytes_measured(cfg, batch, t, dtype))
+        expect_equal(call, got, want,
+                     f"the first T whose cache is bigger than the state's {state:,} B (.nbytes, {batch} x {dtype}): "
+                     f"the cache (.nbytes) holds {kv_cache_bytes_measured(cfg, batch, want - 1, dtype):,} B at "
+                     f"T = {want - 1} and {kv_cache_bytes_measured(cfg, batch, want, dtype):,} B at T = {want}; "
+                     f"{before:,} B at your T - 1 = {got - 1} and {at:,} B at T = {got}")
+
+
+def first_length_over(limit: int, measured) -> int:
+    """The first T with measured(T) > limit, found by doubling then halving over measured sizes."""
+    hi = 1
+    while measured(hi) <= limit:
+        hi *= 2
+    lo = hi // 2  # measured(lo) <= limit, or lo = 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if measured(mid) <= limit else (lo, mid)
+    return hi
 
 
 @pytest.mark.kata("cache_outgrows_state_at")

@@ -110,10 +110,11 @@ def test_memory_energy_per_token_of_llama_2_70b_at_batch_1_with_published_consta
     cfg = preset("llama-2-70b")
     got = impl.memory_energy_per_token(cfg, 1, 4095, torch.bfloat16, PUBLISHED_ENERGY)
     bytes_ = measured_bytes(cfg, 1, 4095, torch.bfloat16)
+    want = bytes_ * 8 * 4e-12
     expect_real(call_str("memory_energy_per_token", shown(cfg), 1, 4095, torch.bfloat16, shown(PUBLISHED_ENERGY)), got,
-                bytes_ * 8 * 4e-12, rel=1e-9,
-                why=f"about 4.44 J: {bytes_ / 1e9:.4g} GB (137.4 GB of bf16 weight matrices and 1.34 GB of K/V, .nbytes) x "
-                    "8 bits x 4 pJ/bit. Bytes x pJ/bit would be 8 x too little")
+                want, rel=1e-9,
+                why=f"about 4.44 J: {bytes_ / 1e9:.4g} GB (137.4 GB of bf16 weight matrices and 1.34 GB of K/V: 4,096 "
+                    "positions, 4,095 read and 1 written; .nbytes) x 8 bits x 4 pJ/bit" + ratio_hint(got, want, BYTES_2X))
     source = impl.memory_energy_per_token(cfg, 1, 4095, torch.bfloat16, SOURCE_CARD_ENERGY)
     expect_real(call_str("memory_energy_per_token", shown(cfg), 1, 4095, torch.bfloat16, shown(SOURCE_CARD_ENERGY)),
                 source, got / 8, why="1/8 of the published figure: the source card's 0.5 pJ/bit against HBM2's 4")

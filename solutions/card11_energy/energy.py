@@ -13,7 +13,8 @@ multiply 1.1 pJ plus an add 0.4 pJ at 45 nm, Horowitz ISSCC 2014). Read their `s
 
 The step is card02's cached decode step: it reads every weight matrix once (every nn.Linear,
 lm_head included; not the embedding table or the norm gains), reads the K/V of the positions each
-new token attends to and writes its own (T + 1 positions, or the last W with a sliding window W),
+new token attends to and writes its own (T + 1 positions in all: T read, 1 written; with a sliding
+window W, at most W: W - 1 read, 1 written),
 and computes 2 FLOPs per weight per sequence plus 4·L·H·K·D FLOPs of attention per sequence, K the
 positions attended. Weights, cache and matmuls share `dtype`; `cfg` is dense (no experts), with a
 SwiGLU (3 matrices) or GELU (2) MLP. Activations are left out. "Per token" means per generated
