@@ -358,7 +358,7 @@ def test_a_formula_kata_that_measures_instead_of_deriving_is_refused(project_cop
     assert run.returncode == 1
     assert f"REFUSED {formula.card} {formula.name} asks for a closed form" in run.output, run.output[-2000:]
     assert "called __init__ in kvref/measure.py" in run.output
-    _edit(stub, "kvref.measure.ShapeOnlyCache(0)", "__import__('torch').zeros(1)")
+    _edit(stub, "kvref.measure.ShapeOnlyCache(0)", "__import__('torch').zeros(2)")
     run = run_suite("--kata", formula.name, cwd=project_copy)
     assert "it called torch.zeros" in run.output, run.output[-2000:]
     assert {r["outcome"] for r in run.tests.values()} == {"failed"}

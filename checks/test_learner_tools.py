@@ -141,7 +141,8 @@ def test_watch_reruns_the_card_when_a_stub_is_saved_and_stops_cleanly(project_co
     env = {k: v for k, v in os.environ.items() if k not in ("KVKATA_MODE", "PYTEST_ADDOPTS")}
     proc = subprocess.Popen([sys.executable, "-m", "kvkata.cli", "watch", "card01"], cwd=project_copy,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**env, "PYTHONPATH": str(project_copy), "PYTHONUNBUFFERED": "1"})
+                            env={**env, "PYTHONPATH": str(project_copy), "PYTHONUNBUFFERED": "1",
+                                 "PYTHONFAULTHANDLER": "1"})
     lines: list[str] = []
     pending: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [pending.put(line) for line in proc.stdout], daemon=True).start()
@@ -167,7 +168,15 @@ def test_watch_reruns_the_card_when_a_stub_is_saved_and_stops_cleanly(project_co
         read_until("redundancy.py saved; running card01", 60)
         read_until("5/5 katas solved", 300)
         proc.send_signal(signal.SIGINT)  # Ctrl-C
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # show where it hangs: faulthandler dumps every thread on SIGABRT
+            proc.send_signal(signal.SIGABRT)
+            proc.wait(timeout=30)
+            time.sleep(0.5)
+            while not pending.empty():
+                lines.append(pending.get())
+            raise AssertionError("watch did not stop within 60 s of Ctrl-C:\n" + "".join(lines[-120:])) from None
         time.sleep(0.5)
         while not pending.empty():
             lines.append(pending.get())

@@ -118,6 +118,8 @@ def _preload_card(card: manifest.Card, loaded: set[str]) -> None:
     for test in sorted((ROOT / "katas" / card.dir).glob("test_*.py")):
         try:
             __import__(f"katas.{card.dir}.{test.stem}")
+        except KeyboardInterrupt:  # Ctrl-C while loading: stop watching
+            raise
         except BaseException:  # noqa: BLE001 - the run itself will report a module that does not import
             pass
     for name in list(sys.modules):
