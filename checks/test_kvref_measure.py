@@ -289,3 +289,31 @@ def test_a_remembered_count_is_the_callers_own_copy():
     rebuild = kv_recompute_flops_measured(TINY, 3, device="cpu")
     rebuild.by_op["aten.mm"] = -1
     assert kv_recompute_flops_measured(TINY, 3, device="cpu").by_op["aten.mm"] > 0
+
+
+# --- the elementwise instrument (kvref.opcount) -------------------------------------------------
+
+def test_the_elementwise_counter_counts_in_place_and_reflected_arithmetic_as_the_plain_ops():
+    from kvref.opcount import ElementwiseOps
+
+    x, y = torch.rand(3, 5), torch.rand(3, 5)
+    with ElementwiseOps() as plain:
+        z = x * y + x - y / 2
+        1 - z
+    with ElementwiseOps() as in_place:
+        z = x.clone()
+        z *= y  # aten.mul_: another packet than aten.mul
+        z += x
+        z -= y / 2
+        1 - z  # aten.rsub
+    assert plain.by_op == in_place.by_op == {"mul": 15, "add": 15, "div": 15, "sub": 30}
+    with ElementwiseOps() as fused:
+        torch.addcmul(x, x, y)  # x + x * y: a multiply and an add per element
+    assert fused.by_op == {"mul": 15, "add": 15} and fused.flops == 30
+
+
+def test_the_rope_decode_count_names_a_prompt_that_is_not_b_by_t():
+    from kvref.opcount import rope_flops_of_decode
+
+    with pytest.raises(ValueError, match=r"prompt must be a tensor of token ids \[B, T\]"):
+        rope_flops_of_decode(build_model(TINY), ids(TINY, 1, 3)[0])
