@@ -64,7 +64,15 @@ def low_rank_key_error_by_svdvals(singular_values, rank):
     return float(np.linalg.norm(torch.linalg.svdvals(torch.from_numpy(dropped)).numpy()))
 
 
-@pytest.mark.parametrize("alternative", [low_rank_key_error_by_vector_norm, low_rank_key_error_by_svdvals])
+def low_rank_key_error_by_masking_the_kept_values(singular_values, rank):
+    # zeros_like copies the shape of a tensor made from the values: it writes no shape out
+    values = torch.tensor(singular_values, dtype=torch.float64)
+    dropped = torch.where(torch.arange(len(singular_values)) >= rank, values, torch.zeros_like(values))
+    return torch.linalg.vector_norm(dropped).item()
+
+
+@pytest.mark.parametrize("alternative", [low_rank_key_error_by_vector_norm, low_rank_key_error_by_svdvals,
+                                         low_rank_key_error_by_masking_the_kept_values])
 def test_a_norm_of_the_dropped_singular_values_taken_in_torch_or_numpy_passes(alternative):
     want = solution("low_rank_key_error")
     guarded = formula.guarded(kata("low_rank_key_error"), alternative)
@@ -201,6 +209,67 @@ def test_flop_counter_mode_is_refused_even_on_meta_tensors():
     assert "used FlopCounterMode" in message, message
 
 
+def forward_flops_by_a_torch_function_mode(cfg, batch, n_new, n_cached):
+    from torch.overrides import TorchFunctionMode
+
+    class CountMatmuls(TorchFunctionMode):  # sees every torch call, as FlopCounterMode sees every aten op
+        def __init__(self):
+            super().__init__()
+            self.flops = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.matmul:
+                self.flops += 2 * args[0].numel() * args[1].shape[-1]
+            return out
+
+    x = torch.empty(batch, n_new, cfg.d_model, device="meta")
+    with CountMatmuls() as counter:
+        torch.matmul(x, torch.empty(cfg.d_model, cfg.d_model, device="meta"))
+    return counter.flops
+
+
+def test_a_torch_function_mode_of_its_own_is_refused_as_an_instrument():
+    message = refusal("forward_flops", forward_flops_by_a_torch_function_mode, SMALL, 1, 1, 0)
+    assert "entered a TorchFunctionMode" in message, message
+
+
+def forward_flops_by_the_cached_instrument(cfg, batch, n_new, n_cached):
+    return kvref.measure.step_flops_measured(cfg, batch, n_new, n_cached, device="cpu").total
+
+
+def paged_waste_bytes_by_the_cached_block_size(cfg, lengths, block_size, dtype):
+    per_block = kvref.paging.block_nbytes_measured(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, block_size, dtype)
+    return per_block * sum(-n % block_size for n in lengths) // block_size
+
+
+@pytest.mark.parametrize("name, fn, args, called", [
+    ("forward_flops", forward_flops_by_the_cached_instrument, (SMALL, 1, 2, 3),
+     "called step_flops_measured in kvref/measure.py"),
+    ("paged_waste_bytes", paged_waste_bytes_by_the_cached_block_size, (SMALL, [3, 17], 16, torch.float16),
+     "called block_nbytes_measured in kvref/paging.py"),
+])
+def test_a_kvref_instrument_is_refused_when_its_answer_is_already_cached(name, fn, args, called):
+    fn(*args)  # measured once outside the guard, as a test computing its expected value would
+    message = refusal(name, fn, *args)
+    assert called in message, message
+
+
+def test_no_kvref_function_is_a_cache_the_guard_cannot_see_called():
+    # A functools cache hit runs no Python code: sys.setprofile sees no call into kvref at all.
+    import functools
+    import pkgutil
+
+    hidden = []
+    for info in pkgutil.iter_modules(kvref.__path__):
+        module = importlib.import_module(f"kvref.{info.name}")
+        for name, value in vars(module).items():
+            if not name.startswith("_") and isinstance(value, functools._lru_cache_wrapper) \
+                    and value.__module__ == module.__name__:
+                hidden.append(f"kvref.{info.name}.{name}")
+    assert not hidden, f"cache these behind a public Python function (as kvref.measure does): {hidden}"
+
+
 @pytest.mark.parametrize("name, fn, args, called", [
     ("kv_cache_bytes", lambda cfg, b, t, dtype: kvref.roofline.memory_needed(cfg, b, t, 2),
      (SMALL, 1, 8, torch.bfloat16), "called memory_needed in kvref/roofline.py"),
@@ -233,6 +302,12 @@ def kv_cache_bytes_by_allocating_the_cache(cfg, batch, seq_len, dtype):
      "called numpy.zeros"),
     (lambda cfg, b, t, dtype: np.ones((2, cfg.n_layers, b, t, cfg.n_kv_heads * cfg.head_dim), dtype=np.float16).nbytes,
      "called numpy.ones"),
+    (lambda cfg, b, t, dtype: torch.empty_permuted((2, cfg.n_layers, b, t, cfg.n_kv_heads * cfg.head_dim),
+                                                   (0, 1, 2, 3, 4), dtype=dtype).nbytes,
+     "called torch.empty_permuted on cpu"),
+    (lambda cfg, b, t, dtype: torch.zeros_like(torch.empty(2, cfg.n_layers, b, t, cfg.n_kv_heads * cfg.head_dim,
+                                                           dtype=dtype, device="meta"), device="cpu").nbytes,
+     "called torch.zeros_like on cpu"),  # a shape written out on meta, then allocated for real
 ])
 def test_allocating_a_real_cache_to_read_its_bytes_is_refused(fn, called):
     message = refusal("kv_cache_bytes", fn, SMALL, 2, 8, torch.float16)

@@ -240,6 +240,18 @@ def test_selective_caching_refuses_layers_the_model_does_not_have():
     cfg = ModelConfig(vocab_size=8, n_layers=2, d_model=8, n_heads=2, d_ff=8)
     with pytest.raises(ValueError, match=r"cached_layers must be layer indices in \[0, 2\)"):
         selective_recompute_flops_measured(cfg, {2}, 3)
+    with pytest.raises(TypeError, match=r"cached_layers must be an iterable of layer indices, got 1"):
+        selective_recompute_flops_measured(cfg, 1, 3)  # one layer, not wrapped in a set
+
+
+def test_a_selective_decode_step_names_caches_of_the_wrong_length_and_ids_of_the_wrong_shape():
+    cfg = ModelConfig(vocab_size=8, n_layers=2, d_model=8, n_heads=2, d_ff=8)
+    model = build_model(cfg)
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"caches must hold one entry per layer \(2\), got 1"):
+        selective_decode_step(model, ids, new_selective_caches(model, {0})[:1])
+    with pytest.raises(ValueError, match=r"ids must be a tensor of token ids \[B, T \+ 1\]"):
+        selective_decode_step(model, ids[0], new_selective_caches(model, {0}))
 
 
 # --- argument checks ------------------------------------------------------------------------

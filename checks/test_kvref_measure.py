@@ -261,3 +261,59 @@ def test_bad_arguments_are_named():
         step_flops_measured(TINY, 1, 1, 0, device="cuda")
     with pytest.raises(ValueError, match="seq_len"):
         kv_cache_bytes_measured(TINY, 1, 0, torch.float32)
+    with pytest.raises(ValueError, match="device must be 'meta' or 'cpu'"):
+        kv_recompute_flops_measured(TINY, 2, device="cuda")
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: kv_rows_of_generation(build_model(TINY), ids(TINY, 1, 2).float(), 1), TypeError,
+     r"prompt must hold integer token ids, got dtype torch.float32"),
+    (lambda: generation_flops_measured(build_model(TINY), ids(TINY, 1, 2) > 0, 1), TypeError,
+     r"prompt must hold integer token ids, got dtype torch.bool"),
+    (lambda: step_flops_measured({"n_layers": 1}, 1, 1, 0), TypeError,
+     r"cfg must be a kvref.config.ModelConfig, got dict"),
+    (lambda: kv_recompute_flops_measured("llama-2-7b", 4), TypeError,
+     r"cfg must be a kvref.config.ModelConfig, got str"),
+    (lambda: flops_of(torch.zeros(2)), TypeError, r"fn must be callable, got Tensor"),
+])
+def test_a_wrong_kind_of_argument_is_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_a_remembered_count_is_the_callers_own_copy():
+    first = step_flops_measured(TINY, 1, 2, 1, device="cpu")
+    first.by_op.clear()  # a caller's edit must not reach the next caller
+    again = step_flops_measured(TINY, 1, 2, 1, device="cpu")
+    assert again.by_op and sum(again.by_op.values()) == again.total
+    rebuild = kv_recompute_flops_measured(TINY, 3, device="cpu")
+    rebuild.by_op["aten.mm"] = -1
+    assert kv_recompute_flops_measured(TINY, 3, device="cpu").by_op["aten.mm"] > 0
+
+
+# --- the elementwise instrument (kvref.opcount) -------------------------------------------------
+
+def test_the_elementwise_counter_counts_in_place_and_reflected_arithmetic_as_the_plain_ops():
+    from kvref.opcount import ElementwiseOps
+
+    x, y = torch.rand(3, 5), torch.rand(3, 5)
+    with ElementwiseOps() as plain:
+        z = x * y + x - y / 2
+        1 - z
+    with ElementwiseOps() as in_place:
+        z = x.clone()
+        z *= y  # aten.mul_: another packet than aten.mul
+        z += x
+        z -= y / 2
+        1 - z  # aten.rsub
+    assert plain.by_op == in_place.by_op == {"mul": 15, "add": 15, "div": 15, "sub": 30}
+    with ElementwiseOps() as fused:
+        torch.addcmul(x, x, y)  # x + x * y: a multiply and an add per element
+    assert fused.by_op == {"mul": 15, "add": 15} and fused.flops == 30
+
+
+def test_the_rope_decode_count_names_a_prompt_that_is_not_b_by_t():
+    from kvref.opcount import rope_flops_of_decode
+
+    with pytest.raises(ValueError, match=r"prompt must be a tensor of token ids \[B, T\]"):
+        rope_flops_of_decode(build_model(TINY), ids(TINY, 1, 3)[0])

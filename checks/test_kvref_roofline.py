@@ -335,6 +335,17 @@ def test_bad_model_arguments_are_named(call, match):
         call()
 
 
+@pytest.mark.parametrize("call", [
+    lambda: rl.memory_needed(preset("llama-2-7b"), 1, 8, 2, kv_dtype_bytes=0),
+    lambda: rl.prefill_cost(preset("llama-2-7b"), 1, 8, 2, kv_dtype_bytes=-1),
+    lambda: rl.decode_cost(preset("llama-2-7b"), 1, 8, 2, use_cache=True, kv_dtype_bytes=0),
+    lambda: rl.decode_cost(preset("llama-2-7b"), 1, 8, 2, use_cache=False, kv_dtype_bytes=0),  # unused, still wrong
+])
+def test_a_bad_kv_element_size_is_named_as_itself_not_as_dtype_bytes(call):
+    with pytest.raises(ValueError, match=r"^kv_dtype_bytes must be finite and > 0"):
+        call()
+
+
 # --- laws and worked numbers ----------------------------------------------------------------------
 
 @given(name=preset_names, hw=hardware_presets, batch=st.integers(1, 64), seq_len=st.integers(1, 32768))

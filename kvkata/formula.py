@@ -10,12 +10,20 @@ runs (on the main thread), the guard refuses what measures the answer:
   (and validate.py, its argument checks). The others run a model, a cache or an engine, measure
   (measure.py, opcount.py) or hold the answers (roofline.py, paging.py, ...);
 - an instrument or a run: a torch.nn module's forward, a hook, FlopCounterMode (or any
-  TorchDispatchMode), the profiler, torch.cuda's memory statistics;
+  TorchDispatchMode or TorchFunctionMode of its own: `torch.device("meta")` stays allowed), the
+  profiler, torch.cuda's memory statistics;
 - memory allocated from a shape on a real device: torch's empty, zeros, ones, full and rand*
-  (with their `_like` and `new_` forms) on any device but "meta", numpy's empty, zeros, ones and
-  full. A tensor made from values (torch.tensor, arange, linspace) is arithmetic and allowed, and
-  so is a torch tensor of at most one element (`torch.empty(0, dtype=dtype).element_size()` is the
-  dtype's itemsize: it measures nothing).
+  (and a tensor's `new_` forms) on any device but "meta", numpy's empty, zeros, ones and full.
+  A tensor made from values (torch.tensor, arange, linspace) is arithmetic and allowed; so is a
+  `_like` form of a tensor on a real device (`torch.zeros_like(x)` in a `torch.where`: its shape
+  is that of a tensor that already exists, so it measures nothing `x` could not say), and a
+  torch tensor of at most one element (`torch.empty(0, dtype=dtype).element_size()` is the
+  dtype's itemsize: it measures nothing). A `_like` form that puts a meta tensor's shape on a
+  real device is refused.
+
+kvref's cached instruments (`kvref.measure.step_flops_measured`, ...) keep their caches behind a
+public Python function: a cache hit runs no Python code, so the guard sees the public call
+(checks/test_formula_rule.py holds kvref to that).
 
 It refuses the plausible ways to measure, not every conceivable one.
 """
@@ -52,10 +60,11 @@ RULE = ("Refused while a formula kata runs: kvref beyond its specs kvref/config.
 DOCSTRING_LINE = ("Closed form: measuring it (running a model or a cache, FlopCounterMode, hooks, kvref's answers) "
                   "is refused.")
 
+LIKE = {torch.empty_like, torch.zeros_like, torch.ones_like, torch.full_like, torch.rand_like, torch.randn_like,
+        torch.randint_like}  # the shape of a tensor that exists: refused only when it moves a meta shape onto a device
 TORCH_BUFFERS = {torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn, torch.randint,
-                 torch.empty_strided, torch.empty_like, torch.zeros_like, torch.ones_like, torch.full_like,
-                 torch.rand_like, torch.randn_like, torch.randint_like, torch.Tensor.new_empty,
-                 torch.Tensor.new_zeros, torch.Tensor.new_ones, torch.Tensor.new_full}
+                 torch.empty_strided, torch.empty_permuted, torch.Tensor.new_empty, torch.Tensor.new_empty_strided,
+                 torch.Tensor.new_zeros, torch.Tensor.new_ones, torch.Tensor.new_full} | LIKE
 NUMPY_BUFFERS = {np.empty, np.zeros, np.ones, np.full}  # empty, zeros: C functions; ones, full: Python
 NUMPY_CODE = {f.__code__: f.__name__ for f in NUMPY_BUFFERS if hasattr(f, "__code__")}
 MODULE_RUN = {torch.nn.Module._wrapped_call_impl.__code__, torch.nn.Module._call_impl.__code__}
@@ -100,6 +109,8 @@ class _NoRealBuffers(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in LIKE and not (args[0] if args else kwargs["input"]).is_meta:  # a real tensor's shape, copied
+            return func(*args, **kwargs)
         if func in TORCH_BUFFERS and (device := _device(args, kwargs)).type != "meta" and _elements(func, args, kwargs) != 1:
             name = ("Tensor." if func.__name__.startswith("new_") else "torch.") + func.__name__
             self.refuse(f"called {name} on {device.type}: memory allocated from a shape is measured, not derived "
@@ -147,6 +158,9 @@ def _measuring(frame, event, arg) -> str | None:
         return f"ran the torch.nn module {type(frame.f_locals.get('self')).__name__}: running a model measures it"
     if code is TorchDispatchMode.__enter__.__code__:
         return "entered a TorchDispatchMode: an instrument that sees every operation of a run"
+    # torch.device("meta") enters by its own __enter__; _NoRealBuffers is a guarded kata calling another
+    if code is TorchFunctionMode.__enter__.__code__ and not isinstance(frame.f_locals.get("self"), _NoRealBuffers):
+        return "entered a TorchFunctionMode: an instrument that sees every torch call of a run"
     if code.co_name.startswith("register") and "hook" in code.co_name:
         return f"registered a hook ({code.co_name}): a hook measures a run"
     return next((what for prefix, what in INSTRUMENTS.items() if rel.startswith(prefix)), None)

@@ -27,7 +27,10 @@ from kvref.rope import apply_rope, rope_cos_sin
 
 
 def _check_layers(cfg: ModelConfig, cached_layers: Iterable[int]) -> frozenset[int]:
-    layers = frozenset(cached_layers)
+    try:
+        layers = frozenset(cached_layers)
+    except TypeError:
+        raise TypeError(f"cached_layers must be an iterable of layer indices, got {cached_layers!r:.60}") from None
     bad = [l for l in layers if not isinstance(l, int) or isinstance(l, bool) or not 0 <= l < cfg.n_layers]
     if bad:
         raise ValueError(f"cached_layers must be layer indices in [0, {cfg.n_layers}), got {sorted(map(repr, bad))}")
@@ -98,6 +101,11 @@ def selective_decode_step(model: Transformer, ids: torch.Tensor, caches: list[Gr
     this step and dropped; the cached layers' caches grow by one position. With T = 0 (the first
     token) there is nothing to rebuild. To fill the caches from a prompt, call this once per token.
     """
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.shape[1] < 1:
+        raise ValueError(f"ids must be a tensor of token ids [B, T + 1], got {ids!r:.60}")
+    if len(caches) != model.cfg.n_layers:
+        raise ValueError(f"caches must hold one entry per layer ({model.cfg.n_layers}), got {len(caches)}: "
+                         "use new_selective_caches")
     T = ids.shape[1] - 1
     cached = {l: (c.k, c.v) for l, c in enumerate(caches) if c is not None and c.k is not None}
     if any(c is not None and c.seq_len != T for c in caches):

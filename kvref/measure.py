@@ -105,8 +105,11 @@ def flops_of(fn: Callable, *args, **kwargs) -> FlopCount:
     """Run `fn(*args, **kwargs)` (no grad) and return the FLOPs FlopCounterMode would count.
 
     Counted by `kvref.opcount.MatmulFlops`: PyTorch's FLOP formulas, applied as FlopCounterMode
-    applies them, without the torch._dynamo import (about 1 s) FlopCounterMode's first use costs.
+    applies them, without the torch._dynamo import (over a second on a CPU) FlopCounterMode's
+    first use costs.
     """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     counter = MatmulFlops()
     with torch.no_grad(), counter:
         fn(*args, **kwargs)
@@ -146,7 +149,7 @@ class _NoRandomFillOnMeta(TorchFunctionMode):
     """Skips `normal_` on meta tensors, which hold no values to fill.
 
     On the meta device `normal_` runs a Python decomposition whose first call imports torch._dynamo
-    (about 2 s): nn.Embedding's initialisation would cost every card that sizes a real model on
+    (over a second on a CPU): nn.Embedding's initialisation would cost every card that sizes a real model on
     the meta device that much. Skipping it changes nothing: a meta tensor has no values, and the
     meta `normal_` draws nothing from the CPU generator.
     """
@@ -166,7 +169,6 @@ def meta_model(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> Transfo
         return Transformer(cfg).to(dtype).eval()
 
 
-@lru_cache(maxsize=64)
 def kv_recompute_flops_measured(cfg: ModelConfig, n_tokens: int, device: str = "meta") -> FlopCount:
     """FLOPs of rebuilding every layer's K and V for `n_tokens` tokens of one sequence, from their ids.
 
@@ -176,13 +178,17 @@ def kv_recompute_flops_measured(cfg: ModelConfig, n_tokens: int, device: str = "
     norm and lm_head are not run. Counted on the meta device (dense models: MoE has no forward),
     or with `device="cpu"` on kvref's model run for real, for small configs (as `step_flops_measured`).
     """
+    _check_config(cfg)
     _check_counts(n_tokens=n_tokens)
-    if device == "meta":
-        model = meta_model(cfg)
-    elif device == "cpu":
-        model = build_model(cfg)
-    else:
-        raise ValueError(f"device must be 'meta' or 'cpu', got {device!r}")
+    _check_device(device)
+    return _copied(_kv_recompute_flops(cfg, n_tokens, device))
+
+
+# Cached apart from the public functions: a call to a public one always runs a line of kvref, which
+# is how kvkata's formula guard sees a formula kata measuring (a cache hit runs no Python code).
+@lru_cache(maxsize=64)
+def _kv_recompute_flops(cfg: ModelConfig, n_tokens: int, device: str) -> FlopCount:
+    model = meta_model(cfg) if device == "meta" else build_model(cfg)
     ids = torch.zeros(1, n_tokens, dtype=torch.long, device=device)
     pos = torch.arange(n_tokens, device=device)
 
@@ -197,7 +203,6 @@ def kv_recompute_flops_measured(cfg: ModelConfig, n_tokens: int, device: str = "
     return flops_of(rebuild)
 
 
-@lru_cache(maxsize=256)
 def step_flops_measured(cfg: ModelConfig, batch: int, n_new: int, n_cached: int, device: str = "meta") -> FlopCount:
     """FLOPs of one forward pass of `n_new` tokens per sequence after `n_cached` cached ones.
 
@@ -205,24 +210,30 @@ def step_flops_measured(cfg: ModelConfig, batch: int, n_new: int, n_cached: int,
     cached decode step. On the meta device (the default) it works for real presets: a shape-only
     cache stands for the cached positions. `device="cpu"` runs kvref's model for real, random
     weights and a filled cache, for small configs: the same count (checks/test_kvref_measure.py),
-    without the torch._dynamo import (about 1 s) that PyTorch's meta kernels cost on their first use.
+    without the torch._dynamo import (over a second on a CPU) that PyTorch's meta kernels cost on
+    their first use.
     """
+    _check_config(cfg)
     _check_counts(batch=batch, n_new=n_new)
     if not isinstance(n_cached, int) or isinstance(n_cached, bool) or n_cached < 0:
         raise ValueError(f"n_cached must be an int >= 0, got {n_cached!r}")
+    _check_device(device)
+    return _copied(_step_flops(cfg, batch, n_new, n_cached, device))
+
+
+@lru_cache(maxsize=256)
+def _step_flops(cfg: ModelConfig, batch: int, n_new: int, n_cached: int, device: str) -> FlopCount:
     if device == "meta":
         model = meta_model(cfg)
         ids = torch.zeros(batch, n_new, dtype=torch.long, device="meta")
         caches = [ShapeOnlyCache(n_cached) for _ in range(cfg.n_layers)] if n_cached else None
-    elif device == "cpu":
+    else:
         model = build_model(cfg)
         ids = torch.zeros(batch, n_new, dtype=torch.long)
         caches = model.new_caches("growing") if n_cached else None
         if n_cached:
             with torch.no_grad():
                 model(torch.zeros(batch, n_cached, dtype=torch.long), torch.arange(n_cached), caches)
-    else:
-        raise ValueError(f"device must be 'meta' or 'cpu', got {device!r}")
     pos = torch.arange(n_cached, n_cached + n_new, device=device)
     return flops_of(model, ids, pos, caches)
 
@@ -296,9 +307,26 @@ def _check_counts(**values: int) -> None:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
+def _check_config(cfg) -> None:
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"cfg must be a kvref.config.ModelConfig, got {type(cfg).__name__}")
+
+
+def _check_device(device) -> None:
+    if device not in ("meta", "cpu"):
+        raise ValueError(f"device must be 'meta' or 'cpu', got {device!r}")
+
+
+def _copied(count: FlopCount) -> FlopCount:
+    """A cached count's own copy: its by_op dict is mutable, and the cache must not change."""
+    return FlopCount(count.total, dict(count.by_op))
+
+
 def _check_generation(model, prompt, n_new) -> None:
     if not isinstance(model, Transformer):
         raise TypeError(f"model must be a kvref.model.Transformer, got {type(model).__name__}")
     if not isinstance(prompt, torch.Tensor) or prompt.ndim != 2:
         raise ValueError(f"prompt must be an integer tensor [B, P], got {prompt!r:.60}")
+    if prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
+        raise TypeError(f"prompt must hold integer token ids, got dtype {prompt.dtype}")
     _check_counts(n_new=n_new)

@@ -8,8 +8,9 @@
   `checks/test_kvref_measure.py` proves that both instruments give the same count, op by op, on
   kvref's models.
 - `ElementwiseOps` counts what FlopCounterMode does not see: for every aten mul, add, sub and
-  div on a floating-point tensor, one operation per element of its output (x * cos on an
-  `[B, H, S, D]` tensor: B·H·S·D multiplies). Negation, copies, casts, concatenation and indexing
+  div on a floating-point tensor, in place or not (`x *= cos` is aten.mul_, `1 - x` aten.rsub),
+  one operation per element of its output (x * cos on an `[B, H, S, D]` tensor: B·H·S·D
+  multiplies; addcmul and addcdiv, a multiply or divide and an add per element). Negation, copies, casts, concatenation and indexing
   move or relabel data and count nothing; sin, cos and exp are tallied apart, as transcendentals,
   and pow (RMSNorm's x²) apart again, as pow: none of them is in `.flops`.
 
@@ -30,7 +31,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
-ARITHMETIC = {aten.mul: "mul", aten.add: "add", aten.sub: "sub", aten.div: "div"}
+# Each name once per element of the output; the in-place packets (mul_) are other packets than mul.
+ARITHMETIC = {aten.mul: ("mul",), aten.mul_: ("mul",), aten.add: ("add",), aten.add_: ("add",),
+              aten.sub: ("sub",), aten.sub_: ("sub",), aten.rsub: ("sub",), aten.div: ("div",), aten.div_: ("div",),
+              aten.addcmul: ("mul", "add"), aten.addcmul_: ("mul", "add"),
+              aten.addcdiv: ("div", "add"), aten.addcdiv_: ("div", "add")}
+ARITHMETIC_NAMES = ("mul", "add", "sub", "div")
 TRANSCENDENTAL = {aten.sin: "sin", aten.cos: "cos", aten.exp: "exp"}
 POWER = {aten.pow: "pow"}  # x ** p: RMSNorm's x² (a multiply per element for p = 2), tallied on its own
 
@@ -89,14 +95,15 @@ class ElementwiseOps(InstrumentMode):
 
     @property
     def flops(self) -> int:
-        return sum(self.by_op[name] for name in ARITHMETIC.values())
+        return sum(self.by_op[name] for name in ARITHMETIC_NAMES)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         packet = func.overloadpacket
-        name = ARITHMETIC.get(packet) or TRANSCENDENTAL.get(packet) or POWER.get(packet)
-        if name and isinstance(out, torch.Tensor) and out.is_floating_point():
-            self.by_op[name] += out.numel()
+        names = ARITHMETIC.get(packet) or (TRANSCENDENTAL.get(packet) or POWER.get(packet),)
+        if names[0] and isinstance(out, torch.Tensor) and out.is_floating_point():
+            for name in names:
+                self.by_op[name] += out.numel()
         return out
 
 
@@ -125,6 +132,8 @@ def counting_rope_of_model():
 
 def rope_flops_of_decode(model, prompt: torch.Tensor) -> int:
     """Elementwise FLOPs of RoPE in one cached decode step of kvref's `model` after `prompt` `[B, T]`."""
+    if not isinstance(prompt, torch.Tensor) or prompt.ndim != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"prompt must be a tensor of token ids [B, T] with T >= 1, got {prompt!r:.60}")
     B, T = prompt.shape
     caches = model.new_caches("growing", B, T + 1)
     with torch.no_grad():

@@ -301,9 +301,15 @@ def paged_waste_measured(lengths: Sequence[int], block_size: int) -> tuple[float
     return waste / (held * block_size), held
 
 
-@functools.lru_cache(maxsize=None)  # the same allocation measures the same: remember it per (shape, dtype)
 def block_nbytes_measured(n_layers: int, n_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
     """Bytes one block costs across all layers: .nbytes of the K and V pools on the meta device, per block."""
+    return _block_nbytes(n_layers, n_kv_heads, head_dim, block_size, dtype)
+
+
+# Cached apart from the public function, so that calling it always runs a line of kvref: a cache
+# hit runs no Python code, and kvkata's formula guard would not see a formula kata measuring.
+@functools.lru_cache(maxsize=None)  # the same allocation measures the same: remember it per (shape, dtype)
+def _block_nbytes(n_layers: int, n_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
     total = 0
     for _ in range(n_layers):
         k, v = paged_kv_cache(1, block_size, n_kv_heads, head_dim, dtype, device="meta")

@@ -26,7 +26,9 @@ positions, L layers, H query heads, D head dim):
   a mixture of experts, the router and the experts_per_token experts it picks), plus
   4·L·B·H·S·K·D for the attention matmuls, K the keys of the scored rectangle: T (kvref computes
   the whole `[S, T]` rectangle and masks the future afterwards), or with a sliding window W
-  only the keys some new query can see, min(T, W + S - 1);
+  only the keys some new query can see, min(T, W + S - 1). Fused kernels skip masked scores
+  (FlashAttention's causal and windowed modes): about half of a causal prefill's rectangle, and
+  past a window about S·W of its S·T, so a long prefill's attention costs less on them than here;
 - bytes: every weight matrix the step multiplies by, once per step (the embedding table is only
   indexed, the norm gains are vectors), plus the K/V it reads and writes. A mixture of experts
   reads only the experts its B·S tokens are routed to: with uniform, independent routing (an
@@ -93,6 +95,14 @@ def _check_dtype(dtype) -> None:
 def _check_config(cfg) -> None:
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"cfg must be a kvref.config.ModelConfig, got {type(cfg).__name__}")
+
+
+def _kv_element_bytes(dtype_bytes, kv_dtype_bytes) -> float:
+    """The cache's element size: the weights' unless given apart (and then checked under its own name)."""
+    if kv_dtype_bytes is None:
+        return dtype_bytes
+    _check_positive("kv_dtype_bytes", kv_dtype_bytes)
+    return kv_dtype_bytes
 
 
 def _check_costed(cfg) -> None:
@@ -252,7 +262,7 @@ def memory_needed(cfg: ModelConfig, batch: int, seq_len: int, dtype_bytes: float
     _check_int("batch", batch, 1)
     _check_int("seq_len", seq_len, 1)
     _check_positive("dtype_bytes", dtype_bytes)
-    kv_dtype_bytes = dtype_bytes if kv_dtype_bytes is None else kv_dtype_bytes
+    kv_dtype_bytes = _kv_element_bytes(dtype_bytes, kv_dtype_bytes)
     return n_params(cfg) * dtype_bytes + batch * seq_len * kv_bytes_per_token(cfg, kv_dtype_bytes)
 
 
@@ -281,7 +291,7 @@ def forward_flops(cfg: ModelConfig, batch: int, n_new: int, n_cached: int) -> in
 def prefill_cost(cfg: ModelConfig, batch: int, prompt_len: int, dtype_bytes: float,
                  kv_dtype_bytes: float | None = None) -> Cost:
     """A prompt of `prompt_len` tokens per sequence: weights read once, the prompt's K/V written."""
-    kv_dtype_bytes = dtype_bytes if kv_dtype_bytes is None else kv_dtype_bytes
+    kv_dtype_bytes = _kv_element_bytes(dtype_bytes, kv_dtype_bytes)
     flops = forward_flops(cfg, batch, prompt_len, 0)
     written = batch * prompt_len * kv_bytes_per_token(cfg, kv_dtype_bytes)
     return Cost(flops, weight_bytes(cfg, batch * prompt_len, dtype_bytes) + written)
@@ -298,7 +308,7 @@ def decode_cost(cfg: ModelConfig, batch: int, seq_len: int, dtype_bytes: float, 
     _check_int("seq_len", seq_len, 1)
     if not isinstance(use_cache, bool):
         raise TypeError(f"use_cache must be a bool, got {type(use_cache).__name__}")
-    kv_dtype_bytes = dtype_bytes if kv_dtype_bytes is None else kv_dtype_bytes
+    kv_dtype_bytes = _kv_element_bytes(dtype_bytes, kv_dtype_bytes)
     if not use_cache:
         return Cost(forward_flops(cfg, batch, seq_len + 1, 0), weight_bytes(cfg, batch * (seq_len + 1), dtype_bytes))
     touched = attended_positions(cfg, seq_len + 1)  # read touched - 1, write 1
@@ -307,6 +317,7 @@ def decode_cost(cfg: ModelConfig, batch: int, seq_len: int, dtype_bytes: float, 
 
 
 def prefill_time(cfg: ModelConfig, hw: Hardware, batch: int, prompt_len: int, dtype: torch.dtype) -> float:
+    """Roofline seconds (perfect overlap) of a prefill with weights, cache and matmuls in `dtype`."""
     _check_dtype(dtype)
     return prefill_cost(cfg, batch, prompt_len, dtype.itemsize).time(hw, dtype)
 
