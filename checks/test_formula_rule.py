@@ -396,3 +396,35 @@ def test_the_guard_applies_on_the_main_thread_only_and_leaves_it_as_it_was():
     with pytest.raises(FormulaOnly):
         guarded(SMALL, 1, 4, torch.float32)
     assert sys.getprofile() is previous and torch._C._len_torch_function_stack() == 0
+
+
+# --- a kata whose answer no experiment gives may allocate (allocates = true) ---------------------------
+
+def alibi_slopes_filled_into_a_tensor(n_heads):
+    slopes = torch.zeros(n_heads, dtype=torch.float64)  # allocated, then filled: arithmetic
+    closest = 2 ** math.floor(math.log2(n_heads))
+    for h in range(closest):
+        slopes[h] = 2.0 ** (-8.0 * (h + 1) / closest)
+    extra = [2.0 ** (-4.0 * (2 * i + 1) / closest) for i in range(n_heads - closest)]
+    slopes[closest:] = torch.tensor(extra, dtype=torch.float64)
+    return slopes.tolist()
+
+
+def test_a_kata_whose_answer_no_experiment_gives_may_fill_a_real_tensor():
+    k = kata("alibi_slopes")
+    assert k.allocates
+    for n in (1, 2, 6, 8, 12, 32, 40):
+        got = formula.guarded(k, alibi_slopes_filled_into_a_tensor)(n)
+        assert got == pytest.approx(solution("alibi_slopes")(n), rel=1e-12), n
+    # the same allocation in a kata whose answer is a size is still refused
+    message = refusal("kv_cache_bytes", lambda cfg, b, t, dtype: torch.zeros(b, t).numel() * 2 * cfg.n_layers
+                      * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize, SMALL, 2, 8, torch.float16)
+    assert "called torch.zeros on cpu" in message, message
+
+
+def test_only_katas_whose_answer_is_no_size_may_allocate():
+    allowed = {k.name for k in formula_katas() if k.allocates}
+    assert allowed == {"key_error_score_bound", "softmax_weight_ratio_bound", "alibi_slopes", "reshard_plan",
+                       "prefix_block_keys"}, allowed
+    sizes = ("bytes", "waste", "batch", "rows", "passes", "flops", "seconds", "capacity", "blocks")
+    assert not [n for n in allowed if any(word in n for word in sizes)], allowed

@@ -20,6 +20,9 @@ runs (on the main thread), the guard refuses what measures the answer:
   torch tensor of at most one element (`torch.empty(0, dtype=dtype).element_size()` is the
   dtype's itemsize: it measures nothing). A `_like` form that puts a meta tensor's shape on a
   real device is refused.
+  A kata marked `allocates = true` in cards.toml (its answer is one no experiment gives: ALiBi's
+  slopes, a bound, block keys, a reshard plan) may allocate and fill real tensors: there that is
+  arithmetic.
 
 kvref's cached instruments (`kvref.measure.step_flops_measured`, ...) keep their caches behind a
 public Python function: a cache hit runs no Python code, so the guard sees the public call
@@ -103,12 +106,15 @@ def _elements(func, args, kwargs) -> int | None:
 
 
 class _NoRealBuffers(TorchFunctionMode):
-    def __init__(self, refuse) -> None:
+    def __init__(self, refuse, allocates: bool = False) -> None:
         super().__init__()
         self.refuse = refuse
+        self.allocates = allocates  # a kata whose answer is no size: allocating is arithmetic there
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.allocates:
+            return func(*args, **kwargs)
         if func in LIKE and not (args[0] if args else kwargs["input"]).is_meta:  # a real tensor's shape, copied
             return func(*args, **kwargs)
         if func in TORCH_BUFFERS and (device := _device(args, kwargs)).type != "meta" and _elements(func, args, kwargs) != 1:
@@ -140,10 +146,10 @@ def _numpy_buffer(name: str, caller) -> str | None:
     return f"called numpy.{name}: memory allocated from a shape is measured, not derived"
 
 
-def _measuring(frame, event, arg) -> str | None:
-    """What this call measures, or None."""
+def _measuring(frame, event, arg, allocates: bool = False) -> str | None:
+    """What this call measures, or None. `allocates`: numpy's buffers are allowed (kata.allocates)."""
     if event == "c_call":  # numpy's empty and zeros, called from outside numpy
-        return _numpy_buffer(arg.__name__, frame) if arg in NUMPY_BUFFERS else None
+        return _numpy_buffer(arg.__name__, frame) if arg in NUMPY_BUFFERS and not allocates else None
     code = frame.f_code
     if event != "call" or (place := _where(code.co_filename)) is None:
         return None
@@ -153,7 +159,7 @@ def _measuring(frame, event, arg) -> str | None:
         qualname = f" ({code.co_qualname})" if code.co_qualname != code.co_name else ""
         return f"{call} kvref/{rel}{qualname}: beyond its specs, kvref runs, measures or holds the answers"
     if package == "numpy":
-        return _numpy_buffer(NUMPY_CODE[code], frame.f_back) if code in NUMPY_CODE else None
+        return _numpy_buffer(NUMPY_CODE[code], frame.f_back) if code in NUMPY_CODE and not allocates else None
     if code in MODULE_RUN:
         return f"ran the torch.nn module {type(frame.f_locals.get('self')).__name__}: running a model measures it"
     if code is TorchDispatchMode.__enter__.__code__:
@@ -180,11 +186,11 @@ def guarded(kata, fn):
             raise FormulaOnly(refused[-1])
 
         def profile(frame, event, arg):
-            if (what := _measuring(frame, event, arg)) is not None:
+            if (what := _measuring(frame, event, arg, kata.allocates)) is not None:
                 refuse(what)  # raising here also turns the profile off
 
         previous = sys.getprofile()
-        with _NoRealBuffers(refuse):
+        with _NoRealBuffers(refuse, kata.allocates):
             sys.setprofile(profile)
             try:
                 result = fn(*args, **kwargs)
@@ -208,9 +214,9 @@ def rule_markdown() -> str:
     lines = ["A formula kata (`formula = true` in kvkata/cards.toml) asks for a closed form, derived from its "
              "arguments. " + RULE, ""]
     for card in manifest.cards():
-        names = [k.name for k in card.katas if k.formula]
+        names = [f"`{k.name}`" + (" (may allocate)" if k.allocates else "") for k in card.katas if k.formula]
         if names:
-            lines.append(f"- {card.id} ({card.title}): " + ", ".join(f"`{n}`" for n in names))
+            lines.append(f"- {card.id} ({card.title}): " + ", ".join(names))
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ class Kata:
     module: str  # module inside the card's directory, e.g. "cache"
     dir: str     # the card's directory, e.g. "card00_cache_contract"
     formula: bool = False  # a closed form: measuring is refused while it runs (kvkata/formula.py)
+    allocates: bool = False  # a formula kata whose answer is no size: allocating a real tensor is arithmetic
 
     def path(self, package: str = "katas") -> Path:
         return ROOT / package / self.dir / f"{self.module}.py"
@@ -48,7 +49,8 @@ def cards() -> tuple[Card, ...]:
     data = tomllib.loads((Path(__file__).parent / "cards.toml").read_text())
     return tuple(
         Card(c["id"], c["dir"], c["title"],
-             tuple(Kata(c["id"], k["name"], k["module"], c["dir"], k.get("formula", False)) for k in c["katas"]),
+             tuple(Kata(c["id"], k["name"], k["module"], c["dir"], k.get("formula", False),
+                       k.get("allocates", False)) for k in c["katas"]),
              tuple(c.get("answers", ())))
         for c in data["card"]
     )
