@@ -142,7 +142,10 @@ def test_watch_reruns_the_card_when_a_stub_is_saved_and_stops_cleanly(project_co
     proc = subprocess.Popen([sys.executable, "-m", "kvkata.cli", "watch", "card01"], cwd=project_copy,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**env, "PYTHONPATH": str(project_copy), "PYTHONUNBUFFERED": "1",
-                                 "PYTHONFAULTHANDLER": "1"})
+                                 "PYTHONFAULTHANDLER": "1"},
+                            # Ctrl-C as a terminal delivers it: a suite started in the background (`cmd &` in a
+                            # non-interactive shell) ignores SIGINT, and a Python started so never raises it.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: list[str] = []
     pending: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [pending.put(line) for line in proc.stdout], daemon=True).start()
