@@ -2,8 +2,9 @@
 
 Each check runs a card's tests in solutions mode, in this process (pytest.main, with kvkata's plugin
 and the learners' hypothesis profile), with one solution module swapped in sys.modules:
-- by a correct alternative from checks/alternatives/ (a module that says which solution it
-  `REPLACES`): every test of the card must pass;
+- by a correct alternative from checks/alternatives/: every test of the card must pass. A module
+  that `REPLACES` a solution stands alone; one that `EXTENDS` it holds only the definitions it
+  writes differently, run after the solution's (so the solution's other functions call them too);
 - by the solution with one plausible wrong answer edited in, from the card's registry in
   checks/wrong_answers/: the tests written to catch that answer must fail.
 Nothing is copied and no process is started: the real tree is never touched.
@@ -70,22 +71,53 @@ def outcomes(run) -> dict[str, str]:
 
 # --- correct alternatives pass ---------------------------------------------------------------
 
+def _declared(path: Path, name: str) -> str | None:
+    """The string a module assigns to `name` at its top level (REPLACES, EXTENDS), if it does."""
+    return next((node.value.value for node in ast.parse(path.read_text()).body
+                 if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == [name]), None)
+
+
 def alternatives() -> list[tuple[str, Path]]:
-    """(the solution module replaced, the alternative) for every alternative that says what it replaces."""
+    """(the solution module replaced or extended, the alternative) for every alternative that says which."""
     found = []
     for path in sorted(ALTERNATIVES.glob("card*.py")):
-        replaces = next((node.value.value for node in ast.parse(path.read_text()).body
-                         if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["REPLACES"]),
-                        None)
-        if replaces is not None:
-            found.append((replaces, path))
+        solution = _declared(path, "REPLACES") or _declared(path, "EXTENDS")
+        if solution is not None:
+            found.append((solution, path))
     return found
+
+
+def alternative_source(solution: str, alternative: Path) -> str:
+    """The module the alternative stands for: itself, or (EXTENDS) the solution with its definitions after."""
+    text = alternative.read_text()
+    if _declared(alternative, "EXTENDS") is None:
+        return text
+    own = text.replace("from __future__ import annotations\n", "")  # the solution's first line already says it
+    return (ROOT / solution).read_text() + f"\n\n# --- {alternative.name}: its own definitions, over the solution's ---\n" + own
+
+
+@pytest.mark.parametrize("solution,alternative", [a for a in alternatives() if _declared(a[1], "EXTENDS")],
+                         ids=lambda x: Path(x).stem)
+def test_an_extending_alternative_writes_something_and_its_definitions_win(solution, alternative):
+    own = {node.name for node in ast.parse(alternative.read_text()).body
+           if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    solved = {node.name for node in ast.parse((ROOT / solution).read_text()).body
+              if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    assert own & solved, f"{alternative.name} redefines none of the solution's katas: it checks nothing"
+    first_own_line = (ROOT / solution).read_text().count("\n") + 2
+    namespace: dict = {"__name__": "alternative_under_check"}
+    exec(compile(alternative_source(solution, alternative), str(alternative), "exec"), namespace)
+    for name in own:
+        value = namespace[name]
+        codes = [value.__code__] if hasattr(value, "__code__") else \
+            [f.__code__ for f in vars(value).values() if hasattr(f, "__code__")]  # a class: its methods
+        assert codes and all(c.co_firstlineno > first_own_line for c in codes), f"{name} is still the solution's"
 
 
 @pytest.mark.parametrize("solution,alternative", alternatives(), ids=lambda x: Path(x).stem)
 def test_a_correct_alternative_passes_every_test_of_its_card(monkeypatch, tmp_path, solution, alternative):
     card = card_dir(solution)
-    run = run_card(monkeypatch, tmp_path, solution, alternative.read_text(), "-k", card[:6])
+    run = run_card(monkeypatch, tmp_path, solution, alternative_source(solution, alternative), "-k", card[:6])
     got = outcomes(run)
     assert set(got) == card_test_names(card), run.output[-3000:]
     # A skip is allowed only where the solution skips too (a GPU-only check on a machine without one).

@@ -1,30 +1,21 @@
 """A correct alternative to solutions/card00_cache_contract/cache.py: the same katas, other designs.
 
-checks/test_alternatives.py puts this module in place of the solution (`REPLACES`) and requires
-every card00 test to pass: the tests must accept any design that meets the docstrings, not only
-the one the solution chose. Here the growing cache keeps lists of chunks
-and exposes `k` and `v` as properties; the static cache writes with `index_copy_` and computes
-its length only when asked; `repeat_kv` expands a view and reshapes; `attend` adds a float mask
-and writes its (stable) softmax by hand.
+The growing cache keeps lists of chunks and exposes `k` and `v` as properties; the static cache
+writes with `index_copy_` and computes its length only when asked; `repeat_kv` expands a view and
+reshapes; `attend` adds a float mask and writes its (stable) softmax by hand.
 
-Shapes: B batch, H query heads, Hkv KV heads, G = H // Hkv, S new tokens, T cached length,
-D head dim. The cache layout is `[B, Hkv, T, D]`.
+Only what it writes differently is here: the check runs the solution, then these definitions
+over it (EXTENDS, checks/test_alternatives.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-REPLACES = "solutions/card00_cache_contract/cache.py"
+EXTENDS = "solutions/card00_cache_contract/cache.py"
 
 
 def repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Expand KV heads `[B, Hkv, T, D]` to one per query head, `[B, H, T, D]`.
-
-    In grouped-query attention, G = H // Hkv consecutive query heads share one KV head.
-    Which KV head does query head h read? Return the tensor whose head h is that KV head.
-    (MHA is Hkv = H; MQA is Hkv = 1.)
-    """
     # Hugging Face's way: a broadcast view over a new group axis, then one reshape.
     B, Hkv, T, D = x.shape
     G = n_heads // Hkv
@@ -32,16 +23,6 @@ def repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal attention of S new queries `[B, H, S, D]` over T key slots `[B, Hkv, T, D]`.
-
-    Slot j holds position j. Without `input_pos`, the queries are the last S of the T
-    positions: query i sits at position T - S + i. With `input_pos` `[S]`, query i sits at
-    position input_pos[i] (in any order), and k, v may be a static cache's whole buffers
-    (T = max_seq_len) whose slots past the queries hold zeros never written or stale keys.
-    Either way query i may read slots 0 .. its own position, never a later one: build the mask
-    from the positions. Scale scores by 1 / sqrt(D) and softmax over the keys. Returns
-    `[B, H, S, D]`. (S = T is a prompt; S = 1 is a decode step.)
-    """
     # The softmax written out by hand, stable because each row's maximum is subtracted first.
     B, H, S, D = q.shape
     T = k.shape[2]
@@ -126,24 +107,3 @@ class StaticKVCache:
         return self.k, self.v  # (B, Hkv, Tmax, D)
 
 
-def prefill(model, ids: torch.Tensor, caches: list) -> torch.Tensor:
-    """Run the prompt `ids` `[B, P]` through `model`, writing every layer's K/V into `caches`.
-
-    `model(ids, input_pos, caches)` is a `kvref.model.Transformer`: it returns logits
-    `[B, S, V]` and calls `caches[layer].update(input_pos, k, v)` in each layer. What are the
-    positions of the prompt's tokens? Return the logits of the last prompt position, `[B, V]`:
-    they choose the first generated token.
-    """
-    input_pos = torch.arange(ids.shape[1], device=ids.device)  # (P,): positions 0 .. P-1
-    return model(ids, input_pos, caches)[:, -1]
-
-
-def decode_step(model, ids: torch.Tensor, caches: list) -> torch.Tensor:
-    """Feed one new token per sequence, `ids` `[B, 1]`, reading and extending `caches`.
-
-    Each layer must append exactly one K/V per sequence, and the new query must read
-    everything cached. At which absolute position does the new token sit when T positions
-    are cached? Return its logits `[B, V]`.
-    """
-    input_pos = torch.tensor([caches[0].seq_len], device=ids.device)  # T cached: positions 0 .. T-1, the new one is T
-    return model(ids, input_pos, caches)[:, -1]
