@@ -34,7 +34,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.T
 
 
 class StaticKVCache:
-
     def __init__(self, batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32) -> None:
         self.k = torch.zeros(batch, n_kv_heads, max_seq_len, head_dim, dtype=dtype)

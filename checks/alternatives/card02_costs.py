@@ -6,9 +6,6 @@ every card02 test to pass. Here an element's size comes from torch.finfo / torch
 module by module in a dict, the roofline is written branch by branch (cached or not) and
 returns the slower of compute and memory with an `if`, and the recompute-to-read ratio is
 worked out for one token (the sequence length cancels, so it never enters).
-
-Shapes: B batch, T positions, L layers, H query heads, Hkv KV heads, D head dim, d = d_model,
-V vocab, W = cfg.sliding_window (0: none).
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ EXTENDS = "solutions/card03_paging/paging.py"
 
 
 class PagedBlockTable:
-
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.block_size = block_size
         self.free_blocks = set(range(num_blocks))
