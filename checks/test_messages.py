@@ -172,3 +172,11 @@ def test_a_failing_example_shows_a_drawn_tensor_by_dtype_and_shape_and_a_small_o
     assert pretty(torch.zeros(2, 3, 9, 12, dtype=torch.float64)) == "<tensor float64[2, 3, 9, 12]>"
     assert pretty((torch.ones(40), 3)) == "(<tensor float32[40]>, 3)"
     assert pretty(torch.tensor([[1, 2, 15, 0]], dtype=torch.uint8)) == repr(torch.tensor([[1, 2, 15, 0]], dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 37, 64, 65, 1000])
+def test_first_where_finds_the_first_n_a_growing_measurement_passes(n):
+    from kvkata.check import first_where
+    asked = []
+    assert first_where(lambda m: asked.append(m) or m >= n) == n
+    assert len(asked) <= 2 * max(1, n).bit_length() + 1  # doubling then halving, not one call per n

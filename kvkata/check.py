@@ -106,6 +106,20 @@ def plural(n: int, word: str) -> str:
     return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
 
 
+def first_where(holds) -> int:
+    """The smallest n >= 1 with holds(n), for a condition that stays true once it holds (a measured size
+    or intensity that grows with n): doubling past it, then halving the gap, so a few dozen measurements
+    instead of one per n."""
+    hi = 1
+    while not holds(hi):
+        hi *= 2
+    lo = hi // 2  # does not hold (or 0)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if holds(mid) else (mid, hi)
+    return hi
+
+
 def call_str(fn: str, *args, **kwargs) -> str:
     parts = [describe(a) for a in args] + [f"{k}={describe(v)}" for k, v in kwargs.items()]
     return f"{fn}({', '.join(parts)})"

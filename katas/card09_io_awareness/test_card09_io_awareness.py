@@ -15,7 +15,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import kvkata
-from kvkata.check import call_str, expect, expect_close, expect_equal, expect_real, expect_tensor
+from kvkata.check import call_str, expect, expect_close, expect_equal, expect_real, expect_tensor, first_where
 from kvref.attention import attention
 from kvref.config import ModelConfig, preset
 from kvref.hardware import A100_80GB_SXM, H100_SXM, HARDWARE, Hardware
@@ -51,13 +51,7 @@ def first_count_reaching(ridge: float, intensity) -> int:
     """The smallest S >= 1 with intensity(S) >= ridge, for an intensity that grows with S (more query
     tokens over the same K and V): doubling to pass the ridge, then halving the gap, so a few dozen
     measurements instead of one per count. S - 1 is measured below the ridge, whatever the search did."""
-    hi = 1
-    while intensity(hi) < ridge:
-        hi *= 2
-    lo = hi // 2  # below the ridge (or 0)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if intensity(mid) >= ridge else (mid, hi)
+    hi = first_where(lambda s: intensity(s) >= ridge)
     assert hi == 1 or intensity(hi - 1) < ridge <= intensity(hi)
     return hi
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch.overrides import TorchFunctionMode
 
 import kvkata
-from kvkata.check import Shown, call_str, expect, expect_close, expect_equal, expect_tensor, plural
+from kvkata.check import Shown, call_str, expect, expect_close, expect_equal, expect_tensor, first_where, plural
 from kvref.config import PRESETS, ModelConfig, preset
 from kvref.measure import kv_cache_bytes_measured
 from kvref.recurrent import linear_attention_parallel, model_states, recall_curve, ssm_recurrence, states_nbytes
@@ -221,24 +221,12 @@ def test_cache_outgrows_state_at_the_first_length_whose_measured_cache_is_bigger
     at = kv_cache_bytes_measured(cfg, batch, got, dtype)
     before = kv_cache_bytes_measured(cfg, batch, got - 1, dtype) if got > 1 else 0
     if not at > state >= before:
-        want = first_length_over(state, lambda t: kv_cache_bytes_measured(cfg, batch, t, dtype))
+        want = first_where(lambda t: kv_cache_bytes_measured(cfg, batch, t, dtype) > state)
         expect_equal(call, got, want,
                      f"the first T whose cache is bigger than the state's {state:,} B (.nbytes, {batch} x {dtype}): "
                      f"the cache (.nbytes) holds {kv_cache_bytes_measured(cfg, batch, want - 1, dtype):,} B at "
                      f"T = {want - 1} and {kv_cache_bytes_measured(cfg, batch, want, dtype):,} B at T = {want}; "
                      f"{before:,} B at your T - 1 = {got - 1} and {at:,} B at T = {got}")
-
-
-def first_length_over(limit: int, measured) -> int:
-    """The first T with measured(T) > limit, found by doubling then halving over measured sizes."""
-    hi = 1
-    while measured(hi) <= limit:
-        hi *= 2
-    lo = hi // 2  # measured(lo) <= limit, or lo = 0
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if measured(mid) <= limit else (lo, mid)
-    return hi
 
 
 @pytest.mark.kata("cache_outgrows_state_at")
