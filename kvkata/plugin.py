@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis.vendor import pretty as hypothesis_pretty
 
 import kvkata
 from kvkata import board, check, manifest, progress, selection
@@ -66,7 +65,12 @@ def _tensor_printer(t, printer, cycle) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     global _config
     _config = config
-    hypothesis_pretty.for_type_by_name("torch", "Tensor", _tensor_printer)
+    try:  # hypothesis's printer registry (a vendored module): without it, failing examples show tensors in full
+        from hypothesis.vendor.pretty import for_type_by_name
+    except ImportError:
+        pass
+    else:
+        for_type_by_name("torch", "Tensor", _tensor_printer)
     chosen = config.getoption("kvkata_mode") or os.environ.get("KVKATA_MODE", "learner")
     try:
         kvkata.set_mode(chosen)
